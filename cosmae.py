@@ -48,6 +48,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rs_data import DATA_SEED, REAL_TASKS, SYNTH_DOMAINS, DataError, synth_tiles, task_tiles
+
 
 # --- Configuration ---------------------------------------------------------------------------------------
 
@@ -77,7 +79,8 @@ class Config:
     # MAE (paper §III-B)
     model: str = arg("", "vit_base (paper), vit_tiny (CPU default), vit_test (unit tests); '' = by tasks")
     mask_ratio: float = arg(0.75, "r, mask ratio of Eq. (1) (paper §III-B)")
-    norm_pix_loss: bool = arg(False, "MAE's per-patch normalised target; off: the paper does not mention it")
+    norm_pix_loss: bool | None = arg(None, "MAE's per-patch normalised target (paper: not mentioned, off; "
+                                           "synthetic preset: on); unset = by preset")
     pool: str = arg("mean", "features c: mean of patch tokens or the cls token (inferred)", choices=["mean", "cls"])
     init: str = arg("", "optional MAE checkpoint (e.g. official mae_pretrain_vit_base.pth) to start from")
     # CoSMAE (paper §II)
@@ -117,14 +120,14 @@ class Config:
 MODELS = {  # encoder width/depth/heads, decoder width/depth/heads, image and patch size
     "vit_base": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                      decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "vit_tiny": dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,
-                     decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+    "vit_tiny": dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4,
+                     decoder_embed_dim=96, decoder_depth=1, decoder_num_heads=3),
     "vit_test": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
                      decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
 }
-PRESETS = {  # model, epochs, batch, warm-up: the paper's for real data, a few-minute CPU run for synthetic
-    "paper": dict(model="vit_base", epochs=300, batch_size=128, warmup_epochs=10),
-    "synthetic": dict(model="vit_tiny", epochs=4, batch_size=64, warmup_epochs=0.5),
+PRESETS = {  # the paper's for real data; a few-minute CPU run for synthetic (why norm_pix: README, "Synthetic data")
+    "paper": dict(model="vit_base", epochs=300, batch_size=128, warmup_epochs=10, norm_pix_loss=False),
+    "synthetic": dict(model="vit_tiny", epochs=16, batch_size=32, warmup_epochs=1, norm_pix_loss=True),
 }
 
 
@@ -134,7 +137,7 @@ def parse_args(argv=None) -> Config:
     for f in dataclasses.fields(Config):
         default, meta = f.default_factory(), dict(f.metadata)
         kw = dict(default=default, help=f"{meta.pop('help')} [default: {default}]", **meta)
-        if isinstance(default, bool):
+        if "bool" in f.type:
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
             kw.update(nargs="+", type=int if f.name == "seeds" else str)
@@ -151,7 +154,7 @@ def resolve(cfg: Config) -> Config:
         raise DataError(f"unknown task name(s) {unknown}; known: real {list(REAL_TASKS)}, "
                         f"synthetic {list(SYNTH_DOMAINS)}")
     preset = PRESETS["synthetic" if all(t in SYNTH_DOMAINS for t in cfg.tasks) else "paper"]
-    unset = dict(model="", epochs=0, batch_size=0, warmup_epochs=-1.0)  # the Config defaults that mean "by preset"
+    unset = dict(model="", epochs=0, batch_size=0, warmup_epochs=-1.0, norm_pix_loss=None)  # = "by preset"
     for k, v in preset.items():
         if getattr(cfg, k) == unset[k]:
             setattr(cfg, k, v)
@@ -166,91 +169,10 @@ def resolve(cfg: Config) -> Config:
     return cfg
 
 
-class DataError(Exception):
-    """A problem with the user's input (data, task name, checkpoint): the CLI prints it and exits with 2."""
-
-
 # --- III-A. Data: task stream, augmentation, memory buffer ------------------------------------------------
-# Every task is an array of raw uint8 tiles [n, 3, S, S] (S = 256 for the real datasets, in a memory-mapped
-# cache; see the real-dataset section at the end). Batches of raw tiles go to the device and are augmented
+# Every task is an array of raw uint8 tiles [n, 3, S, S] (rs_data.py: the synthetic default, or the real
+# datasets through a memory-mapped tile cache). Batches of raw tiles go to the device and are augmented
 # there, so the buffer can store raw tiles and augment them afresh each time they are drawn.
-
-SYNTH_LABELS = ("building", "road", "tree", "water", "car")
-SYNTH_DOMAINS = {  # ground colour, sensor tint, object scale, P(element present) for SYNTH_LABELS
-    "synth_city": dict(ground=(125, 120, 112), tint=(1.0, 1.0, 1.05), scale=0.8, p=(0.9, 0.8, 0.3, 0.1, 0.7)),
-    "synth_farm": dict(ground=(150, 138, 78), tint=(1.05, 1.0, 0.9), scale=1.3, p=(0.3, 0.4, 0.5, 0.2, 0.2)),
-    "synth_forest": dict(ground=(78, 100, 55), tint=(0.9, 1.05, 0.95), scale=1.0, p=(0.1, 0.3, 0.95, 0.3, 0.1)),
-    "synth_coast": dict(ground=(205, 188, 140), tint=(1.0, 1.0, 1.1), scale=1.5, p=(0.4, 0.3, 0.2, 0.9, 0.3)),
-}
-
-
-def synth_image(rng: np.random.Generator, size: int, ground, tint, scale: float, p, jitter: float = 0.0,
-                noise: float = 6.0) -> tuple:
-    """One procedurally drawn RS-like tile: ([size, size, 3] uint8, [5] 0/1 presence of SYNTH_LABELS).
-    Each element has its own texture (ripples, dashed line, shaded crowns, striped roofs, windscreens);
-    jitter moves every colour by up to ±jitter·255 per channel, so that colour alone does not tell the labels."""
-    col = lambda c: np.clip(np.asarray(c, np.float32) + rng.uniform(-jitter, jitter, 3) * 255, 20, 235)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # [S, S] coordinates in [0, 1)
-    f = rng.uniform(2, 6, 2)
-    img = col(ground) * (1 + 0.1 * np.sin(f[0] * 6.3 * xx + rng.uniform(0, 6)) * np.cos(f[1] * 6.3 * yy))[..., None]
-    present = rng.random(5) < np.asarray(p)
-    if present[3]:  # water: a region behind a wavy shore line, with ripples parallel to the shore
-        shore = rng.uniform(0.3, 0.7) + 0.08 * np.sin(rng.uniform(4, 12) * xx + rng.uniform(0, 6))
-        water = yy > shore if rng.random() < 0.5 else yy < shore
-        ripple = 1 + 0.25 * np.sin(2 * np.pi * (yy - shore) * size / 5)
-        img[water] = col((40, 80, 140)) * ripple[water, None]
-    road = None
-    if present[1]:  # road: a straight band with a dashed centre line
-        a, c, w = rng.uniform(0, np.pi), rng.uniform(0.3, 0.7), 0.05 * scale
-        road = (xx - c) * np.cos(a) + (yy - c) * np.sin(a)
-        img[np.abs(road) < w] = col((105, 105, 108))
-        along = -(xx - c) * np.sin(a) + (yy - c) * np.cos(a)
-        img[(np.abs(road) < 0.008) & (np.sin(along * 60) > 0)] = (235, 235, 235)
-    if present[2]:  # trees: round crowns, bright at the top-left, dark at the rim
-        tree = col((35, 75, 30))
-        for _ in range(rng.integers(4, 16)):
-            cy, cx, r = rng.random(), rng.random(), 0.05 * scale * rng.uniform(0.6, 1.4)
-            d = ((yy - cy + r / 3) ** 2 + (xx - cx + r / 3) ** 2) / (r * r)
-            inside = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-            img[inside] = tree * (1.5 - d[inside, None])
-    if present[0]:  # buildings: rectangles with a two-tone striped roof and a shadow
-        roof = col(rng.choice([(170, 80, 60), (150, 150, 155), (90, 90, 100)]))
-        for _ in range(rng.integers(1, 5)):
-            y0, x0 = rng.uniform(0.05, 0.75, 2)
-            h, w = 0.12 * scale * rng.uniform(0.7, 1.5, 2)
-            box = lambda dy, dx: (yy >= y0 + dy) & (yy < y0 + h + dy) & (xx >= x0 + dx) & (xx < x0 + w + dx)
-            img[box(0.02, 0.02) & ~box(0, 0)] *= 0.45
-            stripes = 1 + 0.3 * np.sign(np.sin(2 * np.pi * xx * size / 3))
-            img[box(0, 0)] = roof * stripes[box(0, 0), None] * np.where(yy[box(0, 0)] < y0 + h / 2, 0.75, 1)[:, None]
-    if present[4]:  # cars: small bright rectangles with a dark windscreen, on the road when there is one
-        for _ in range(rng.integers(1, 6)):
-            cy, cx = rng.uniform(0.05, 0.9, 2)
-            if road is not None:
-                on = np.argwhere(np.abs(road) < 0.02)
-                cy, cx = on[rng.integers(len(on))] / size
-            car = (np.abs(yy - cy) < 0.025) & (np.abs(xx - cx) < 0.04)
-            img[car] = col(rng.choice([(220, 30, 30), (240, 240, 240), (30, 60, 200), (240, 200, 20)]))
-            img[car & (xx > cx + 0.01)] *= 0.3
-    img = img * np.asarray(tint, np.float32) + rng.normal(0, noise * rng.random(), img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8), present.astype(np.uint8)
-
-
-def synth_tiles(name: str, n: int, size: int, seed: int, jitter: float = 0.0, noise: float = 6.0) -> tuple:
-    """n tiles of one synthetic domain ('synth_eval' mixes all domains, each element with P = 0.5).
-    → (uint8 [n, 3, size, size], uint8 [n, 5])."""
-    names = list(SYNTH_DOMAINS)
-    rng = np.random.default_rng([seed, 1 + names.index(name) if name in names else 99])
-    imgs, labels = np.empty((n, 3, size, size), np.uint8), np.empty((n, 5), np.uint8)
-    for i in range(n):
-        dom = SYNTH_DOMAINS[name] if name in names else dict(SYNTH_DOMAINS[names[i % 4]], p=(0.5,) * 5)
-        img, labels[i] = synth_image(rng, size, **dom, jitter=jitter, noise=noise)
-        imgs[i] = img.transpose(2, 0, 1)
-    return imgs, labels
-
-
-DATA_SEED = 0  # which patches and splits are drawn: the same in every run; --seed varies the model's
-# initialisation, the data order and the augmentation (the paper: "three randomly initialised models")
-
 
 def tile_size(cfg: Config) -> int:
     """Raw tile side S: 256 for the real datasets; for synthetic tasks the same S/img ratio as 256/224."""
@@ -262,12 +184,6 @@ def task_data(name: str, cfg: Config) -> np.ndarray:
     if name in SYNTH_DOMAINS:
         return synth_tiles(name, cfg.synth_train, tile_size(cfg), DATA_SEED)[0]
     return task_tiles(name, cfg.data_root, "train", Path(cfg.data_root) / ".cosmae_cache", DATA_SEED)
-
-
-def synthetic_eval_set(cfg: Config) -> dict:
-    """The synthetic multi-label set (labels = which land-cover elements are drawn), UCMerced-sized splits."""
-    x, y = synth_tiles("synth_eval", 1800, tile_size(cfg), DATA_SEED + 12345)
-    return {"train": (x[:1000], y[:1000]), "test": (x[1000:], y[1000:]), "labels": list(SYNTH_LABELS)}
 
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet statistics, as MAE
@@ -737,7 +653,7 @@ def train_task(t: int, name: str, tiles, model, projector, buffer, theta_prev, c
     if spe == 0:
         raise DataError(f"task {name}: {len(tiles)} images is less than one batch of {cfg.batch_size}")
     total, start = cfg.epochs * spe, run.resume_task(t, model, projector, opt)
-    meter = run.meter(t, name, total, start * spe)
+    meter = run.meter(t, name, total)
     for epoch in range(start, cfg.epochs):
         rng = np.random.default_rng([cfg.seed, t, epoch])  # order, λ1, λ2: reproducible per epoch (resume)
         gen = torch.Generator(cfg.device).manual_seed(int(rng.integers(2 ** 62)))  # augmentation, buffer draws
@@ -807,24 +723,6 @@ def task_checkpoints(out) -> list:
     return [(t, p.stem.split("_", 1)[1], p) for t, p in found]
 
 
-def load_config(run_dir) -> Config:
-    """The resolved Config a run folder was trained with (config.json)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise DataError(f"{run_dir} is not a CoSMAE run folder (no config.json)")
-    known = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
-
-
-def load_encoder(model: MAE, path) -> MAE:
-    """Load a task checkpoint's encoder weights θ into `model`."""
-    ck = load_checkpoint(path)
-    if "encoder" not in ck:
-        raise DataError(f"checkpoint {path} has no 'encoder' entry; is it a CoSMAE task checkpoint?")
-    model.load_state_dict(ck["encoder"], strict=False)
-    return model
-
-
 @torch.no_grad()
 def extract_features(model: MAE, tiles, cfg: Config, device=None, batch_size: int = 256) -> np.ndarray:
     """Frozen features of uint8 tiles [n, 3, S, S] (resized to the model's size, normalised, no augmentation,
@@ -841,41 +739,46 @@ def extract_features(model: MAE, tiles, cfg: Config, device=None, batch_size: in
 
 
 class Run:
-    """Everything a run writes under cfg.out. Resume = rerun the same command with the same --out."""
+    """Everything a run writes under cfg.out (config.json, summary.json, eval.json, metrics.jsonl, checkpoints;
+    under torchrun only rank 0 writes). Resume = rerun the same command with the same --out."""
 
     def __init__(self, cfg: Config):
-        self.cfg, self.out, self.eval_rows, self.eval_set = cfg, Path(cfg.out), [], None
-        self.main = DIST["rank"] == 0  # under torchrun only rank 0 writes
+        self.cfg, self.out, self.main, self.eval_set = cfg, Path(cfg.out), DIST["rank"] == 0, None
         self.out.mkdir(parents=True, exist_ok=True)
-        mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "log_every", "eval")}
-        path = self.out / "config.json"
-        if path.exists():
-            old = {k: v for k, v in json.loads(path.read_text()).items() if k in mine}
-            diff = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
-            if diff:
-                raise DataError(f"{self.out} holds a run with another configuration {diff} (old, new); "
-                                "use another --out, or the same flags to resume")
-        elif self.main:
-            path.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-        self.summary_path = self.out / "summary.json"
-        self.summary = json.loads(self.summary_path.read_text()) if self.summary_path.exists() else dict(
-            method=getattr(cfg, "method", "cosmae"), seed=cfg.seed, tasks=cfg.tasks, completed=0, train_seconds=0.0)
-        if (self.out / "eval.json").exists():
-            self.eval_rows = json.loads((self.out / "eval.json").read_text())
+        conf, old = dataclasses.asdict(cfg), self.read("config.json", None)
+        ignore = ("device", "log_every", "eval")  # may change between a run and its resume
+        diff = {k: (old.get(k), v) for k, v in conf.items() if k not in ignore and old.get(k) != v} if old else {}
+        if old is None:
+            self.write("config.json", conf)
+        elif diff:
+            raise DataError(f"{self.out} holds a run with another configuration {diff} (old, new); "
+                            "use another --out, or the same flags to resume")
+        print("config: " + " ".join(f"{k}={v}" for k, v in conf.items()))
+        self.summary = self.read("summary.json", dict(method=cfg.method, seed=cfg.seed, tasks=cfg.tasks,
+                                                      completed=0, train_seconds=0.0))
+        self.eval_rows = self.read("eval.json", [])
+
+    def read(self, name, default):
+        path = self.out / name
+        return json.loads(path.read_text()) if path.exists() else default
+
+    def write(self, name, obj):
+        if self.main:
+            (self.out / name).write_text(json.dumps(obj, indent=1))
 
     def completed_tasks(self) -> int:
         return max((t for t, _, _ in task_checkpoints(self.out)), default=0)
 
     def save_task(self, t, name, model, projector, buffer, seconds, ewc=None):
-        if not self.main:
-            return
-        atomic_save(dict(task=t, name=name, model=model.state_dict(), projector=projector.state_dict(),
-                         encoder={k: v for k, v in model.state_dict().items() if is_encoder_key(k)},
-                         buffer=buffer.state_dict(), ewc=ewc.state_dict() if ewc else {}), self.out / f"task{t}_{name}.pt")
-        (self.out / "last.pt").unlink(missing_ok=True)
+        """After task t: everything the next task needs, atomically; the mid-task checkpoint is then stale."""
+        if self.main:
+            sd = model.state_dict()
+            atomic_save(dict(task=t, name=name, model=sd, projector=projector.state_dict(), buffer=buffer.state_dict(),
+                             encoder={k: v for k, v in sd.items() if is_encoder_key(k)},
+                             ewc=ewc.state_dict() if ewc else {}), self.out / f"task{t}_{name}.pt")
+            (self.out / "last.pt").unlink(missing_ok=True)
         self.summary.update(completed=t, train_seconds=self.summary["train_seconds"] + seconds, world=DIST["world"])
-        self.summary_path.write_text(json.dumps(self.summary, indent=1))
+        self.write("summary.json", self.summary)
 
     def load_task(self, t, model, projector, buffer, ewc=None) -> dict:
         """Load the checkpoint of finished task t → its encoder weights (θ_{t−1} for the next task)."""
@@ -894,10 +797,7 @@ class Run:
 
     def resume_task(self, t, model, projector, opt) -> int:
         """The first epoch to run of task t: 0, or the epoch after the last mid-task checkpoint."""
-        path = self.out / "last.pt"
-        if not path.exists():
-            return 0
-        ck = load_checkpoint(path)
+        ck = load_checkpoint(self.out / "last.pt") if (self.out / "last.pt").exists() else {}
         if ck.get("task") != t:
             return 0
         model.load_state_dict(ck["model"])
@@ -906,42 +806,38 @@ class Run:
         print(f"resuming task {t} after epoch {ck['epoch']}")
         return int(ck["epoch"])
 
-    def meter(self, t, name, total, step0):
-        return Meter(self.cfg, t, name, total, step0, self.out / "metrics.jsonl", self.main)
+    def meter(self, t, name, total):
+        return Meter(self.cfg, t, name, total, self.out / "metrics.jsonl", self.main)
 
     def evaluate(self, t, name, model):
-        """ML-kNN on UCMerced (--ucmerced) or the synthetic multi-label set; one row into eval.json."""
+        """ML-kNN on UCMerced (--ucmerced) or the synthetic multi-label set; the row of task t into eval.json."""
         if not self.main:
             return
         import eval_mlknn
-        if self.eval_set is None:
-            self.eval_set = eval_mlknn.load_eval_set(self.cfg.ucmerced, self.cfg)
-        t0 = time.time()
-        r = eval_mlknn.evaluate_encoder(model, self.cfg, self.eval_set, self.cfg.device)
-        self.eval_rows.append(dict(task=t, name=name, micro=r["micro"], macro=r["macro"]))
-        (self.out / "eval.json").write_text(json.dumps(self.eval_rows, indent=1))
+        self.eval_set = self.eval_set or eval_mlknn.load_eval_set(self.cfg.ucmerced, self.cfg)
+        t0, r = time.time(), eval_mlknn.evaluate_encoder(model, self.cfg, self.eval_set, self.cfg.device)
+        row = dict(task=t, name=name, micro=r["micro"], macro=r["macro"])
+        self.eval_rows = sorted([x for x in self.eval_rows if x["task"] != t] + [row], key=lambda x: x["task"])
+        self.write("eval.json", self.eval_rows)
         print(f"eval after {name}: micro mAP {r['micro']:.2f}  macro mAP {r['macro']:.2f}  ({time.time() - t0:.0f}s)")
 
     def print_table(self):
         """Micro and macro mAP (%) after each task, laid out like the paper's Table II."""
-        if not self.eval_rows:
-            return
-        rows = sorted({r["task"]: r for r in self.eval_rows}.values(), key=lambda r: r["task"])
-        head = ["metric"] + [("T%d " % r["task"] if r["task"] else "") + r["name"] for r in rows]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for m in ("micro", "macro"):
-            lines.append(f"| {m} mAP | " + " | ".join(f"{r[m]:.2f}" for r in rows) + " |")
-        src = "UCMerced" if self.cfg.ucmerced else "synthetic multi-label set"
-        print(f"\nML-kNN (k=10, posterior scores) on the {src}, after each task:\n" + "\n".join(lines))
+        import eval_mlknn
+        src = "UCMerced" if self.cfg.ucmerced else "the synthetic multi-label set"
+        run = dict(method=self.cfg.method, tasks=self.cfg.tasks, rows=self.eval_rows,
+                   train_seconds=self.summary["train_seconds"])
+        for m in ("micro", "macro") if self.eval_rows else ():
+            print(eval_mlknn.format_table([run], m, f"\n{m} mAP (%) of ML-kNN (k=10) on {src}, after each task:"))
 
 
 class Meter:
     """Progress lines and metrics.jsonl records every cfg.log_every steps. Losses stay on the device between
-    log points: the only host syncs are the .item() calls at a log point."""
+    log points: the only host syncs are the .tolist() at a log point."""
 
-    def __init__(self, cfg, t, name, total, step0, path, main=True):
+    def __init__(self, cfg, t, name, total, path, main=True):
         self.cfg, self.t, self.name, self.total, self.path, self.main = cfg, t, name, total, path, main
-        self.sums, self.n, self.imgs, self.t0, self.step0 = None, 0, 0, time.time(), step0
+        self.sums, self.n, self.imgs, self.t0 = None, 0, 0, time.time()
 
     def update(self, step, epoch, n_img, loss, loss_rec, loss_mim, lam1, lam2, lr):
         vals = torch.stack([loss.detach().float(), loss_rec.detach().float(), loss_mim.detach().float()])
@@ -949,178 +845,19 @@ class Meter:
         self.n, self.imgs = self.n + 1, self.imgs + n_img
         if (step + 1) % self.cfg.log_every and step + 1 != self.total:
             return
-        total, rec, mim = (all_mean(self.sums) / self.n).tolist()
-        if not self.main:
-            self.sums, self.n, self.imgs, self.t0 = None, 0, 0, time.time()
-            return
+        total, rec, mim = (all_mean(self.sums) / self.n).tolist()  # every rank joins the all-reduce
         rate = self.imgs * DIST["world"] / (time.time() - self.t0)
+        self.sums, self.n, self.imgs, self.t0 = None, 0, 0, time.time()
+        if not self.main:
+            return
         eta = (self.total - step - 1) * self.cfg.batch_size / rate
-        rec_ = {"task": self.t, "name": self.name, "epoch": epoch, "step": step + 1, "loss/total": total,
-                "loss/rec": rec, "loss/mim": mim, "lam1": lam1, "lam2": lam2, "lr": lr, "img/s": rate}
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec_) + "\n")
+            f.write(json.dumps({"task": self.t, "name": self.name, "epoch": epoch, "step": step + 1, "loss/total": total,
+                                "loss/rec": rec, "loss/mim": mim, "lam1": lam1, "lam2": lam2, "lr": lr,
+                                "img/s": rate}) + "\n")
         print(f"task {self.t} {self.name} | ep {epoch + 1}/{self.cfg.epochs} | step {step + 1}/{self.total} | "
               f"loss {total:.4f} rec {rec:.4f} mim {mim:.4f} | λ1 {lam1:.2f} λ2 {lam2:.2f} | lr {lr:.2e} | "
               f"{rate:.1f} img/s | ETA task {eta / 60:.1f} min", flush=True)
-        self.sums, self.n, self.imgs, self.t0 = None, 0, 0, time.time()
-
-
-# --- [boilerplate] real remote-sensing datasets: official layouts → one cached uint8 array per split ---------
-# Every image is cut into non-overlapping 256×256 RGB patches (TreeSatAI: the centre 256×256), the paper's
-# counts are drawn with a fixed seed, and the patches of a split are written once into a memory-mapped .npy
-# (atomic write + a manifest of the source files: a changed folder is rebuilt, a half-written file never read).
-REAL_TASKS = ("us3d", "uavid", "potsdam", "treesat")
-PAPER_COUNTS = {"us3d": (21081, 3072), "uavid": (24560, 8640), "potsdam": (15870, 1058), "treesat": (15000, 1000)}
-DATASETS = {  # folder names under --data-root, the files looked for, where to get the data
-    "us3d": (("US3D", "us3d", "DFC2019", "dfc2019"), "JAX_*_RGB.tif (uint8, 3 bands) or JAX_*_MSI.tif (uint16, "
-             "8 bands) 1024×1024 tiles; validation tiles in a folder whose name contains 'val'",
-             "US3D / 2019 IEEE GRSS Data Fusion Contest track data (IEEE DataPort)"),
-    "uavid": (("UAVid", "uavid"), "uavid_train/seqN/Images/*.png and uavid_val/seqN/Images/*.png",
-              "UAVid (uavid.nl)"),
-    "potsdam": (("Potsdam", "potsdam", "ISPRS_Potsdam"), "4_Ortho_RGBIR/top_potsdam_*_RGBIR.tif (R,G,B,IR) or "
-                "2_Ortho_RGB/top_potsdam_*_RGB.tif, 6000×6000", "ISPRS 2D semantic labelling, Potsdam"),
-    "treesat": (("TreeSatAI", "treesat", "TreeSat"), "aerial/60m/*.tif, 304×304, 4 bands IR,G,B,R",
-                "TreeSatAI benchmark archive (Zenodo)"),
-}
-PATCH = 256
-
-
-def find_dataset(name: str, data_root) -> Path:
-    names, layout, source = DATASETS[name]
-    for n in names:
-        if (Path(data_root) / n).is_dir():
-            return Path(data_root) / n
-    raise DataError(f"{name}: no folder {' or '.join(str(Path(data_root) / n) for n in names)}. Expected inside "
-                    f"it: {layout}. Get the data from: {source}; or point --data-root at the folder holding it.")
-
-
-def read_rgb(path: Path, bands=(0, 1, 2), n_bands=3, bits=8) -> np.ndarray:
-    """An RGB uint8 image [3, H, W] from a PNG or a TIFF ([H, W, C] or [C, H, W]) with n_bands bands."""
-    try:
-        if path.suffix.lower() == ".png":
-            from PIL import Image
-            return np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1)
-        import tifffile
-        a = tifffile.imread(path)
-    except Exception as e:
-        hint = " (LZW/JPEG TIFFs need: pip install imagecodecs)" if "imagecodecs" in str(e) else ""
-        raise DataError(f"cannot read {path}: {type(e).__name__}: {str(e)[:160]}{hint}") from None
-    if a.ndim != 3 or n_bands not in (a.shape[0], a.shape[-1]):
-        raise DataError(f"{path}: shape {a.shape}, expected {n_bands} bands ([H, W, {n_bands}] or [{n_bands}, H, W])")
-    if a.dtype != (np.uint8 if bits == 8 else np.uint16):
-        raise DataError(f"{path}: dtype {a.dtype}, expected {'uint8' if bits == 8 else 'uint16'}")
-    a = a if a.shape[0] == n_bands and a.shape[-1] != n_bands else a.transpose(2, 0, 1)  # → [C, H, W]
-    rgb = a[list(bands)].astype(np.float32)
-    return np.clip(rgb * (255 / (2 ** bits - 1)), 0, 255).round().astype(np.uint8) if bits != 8 else rgb.astype(np.uint8)
-
-
-def image_size(path: Path) -> tuple:
-    """(H, W) from the header alone."""
-    try:
-        if path.suffix.lower() == ".png":
-            from PIL import Image
-            w, h = Image.open(path).size
-            return h, w
-        import tifffile
-        with tifffile.TiffFile(path) as tif:
-            s = tif.series[0].shape
-        return (s[1], s[2]) if len(s) == 3 and s[0] < min(s[1], s[2]) else (s[0], s[1])
-    except Exception as e:
-        raise DataError(f"cannot read {path}: {type(e).__name__}: {str(e)[:160]}") from None
-
-
-def split_files(name: str, folder: Path, seed: int) -> dict:
-    """{'train': [paths], 'val': [paths]} and how each file is read, in the dataset's official layout."""
-    rng, srt = np.random.default_rng([seed, 42]), lambda ps: sorted(ps, key=str)
-    if name == "us3d":
-        files = srt(folder.rglob("*_RGB.tif")) or srt(folder.rglob("*_MSI.tif"))
-        val = [p for p in files if "val" in str(p.parent.relative_to(folder)).lower()]
-        train = [p for p in files if p not in val]
-        if not val and len(train) > 1:  # one pool of tiles: hold out the paper's share of tiles for validation
-            val = [train[i] for i in rng.permutation(len(train))[:max(1, round(len(train) * 3072 / 24153))]]
-            train = [p for p in train if p not in val]
-        msi = bool(files) and files[0].name.endswith("_MSI.tif")
-        read = dict(bands=(4, 2, 1), n_bands=8, bits=11) if msi else {}
-    elif name == "uavid":
-        files = srt(folder.rglob("uavid_*/*/Images/*.png"))
-        train, val = [p for p in files if "uavid_train" in p.parts], [p for p in files if "uavid_val" in p.parts]
-        read = {}
-    elif name == "potsdam":  # split by whole orthophotos: 1058 = 2×529 val, 15870 = 30×529 train patches
-        files = srt((folder / "4_Ortho_RGBIR").glob("*.tif")) or srt((folder / "2_Ortho_RGB").glob("*.tif"))
-        order = [files[i] for i in rng.permutation(len(files))]
-        n_val = 2 if len(files) >= 32 else int(len(files) >= 2)
-        val, train = order[:n_val], order[n_val:n_val + 30]
-        read = dict(n_bands=4) if files and "RGBIR" in files[0].name else {}
-    else:  # treesat: IR,G,B,R → RGB = bands 3, 1, 2; a random selection of whole images
-        files = srt((folder / "aerial" / "60m").glob("*.tif"))
-        order = [files[i] for i in rng.permutation(len(files))]
-        n_val = min(1000, max(int(len(files) >= 2), len(files) // 16))
-        val, train = order[:n_val], order[n_val:]
-        read = dict(bands=(3, 1, 2), n_bands=4)
-    if not files:
-        raise DataError(f"{name}: no images found in {folder}; expected {DATASETS[name][1]}")
-    return dict(train=train, val=val, read=read, files=files)
-
-
-def patch_grid(name: str, h: int, w: int) -> list:
-    """Top-left corners of the non-overlapping 256×256 patches of an H×W image (TreeSatAI: the centre one)."""
-    if name == "treesat":
-        return [((h - PATCH) // 2, (w - PATCH) // 2)] if min(h, w) >= PATCH else []
-    return [(r, c) for r in range(0, h - PATCH + 1, PATCH) for c in range(0, w - PATCH + 1, PATCH)]
-
-
-def task_tiles(name: str, data_root, split: str, cache_dir, seed: int = 0, log=None) -> np.ndarray:
-    """uint8 [N, 3, 256, 256] patches of one task split ('train' or 'val'), memory-mapped from the tile cache."""
-    log = log or (lambda msg: print(msg, flush=True))
-    if name not in DATASETS:
-        raise DataError(f"unknown task {name!r}; known: {list(DATASETS)}")
-    folder = find_dataset(name, data_root)
-    s = split_files(name, folder, seed)
-    files, want = s[split], PAPER_COUNTS[name][split == "val"]
-
-    def select():  # the paper's count of patches, drawn at random from every patch of the split (headers only)
-        cells = [(i, r, c) for i, p in enumerate(files) for r, c in patch_grid(name, *image_size(p))]
-        if len(cells) < want:
-            log(f"{name} {split}: {len(cells)} patches found, the paper uses {want}: using {len(cells)}")
-        pick = np.sort(np.random.default_rng([seed, 7]).permutation(len(cells))[:want])
-        return [cells[i] for i in pick]
-
-    return cached_tiles(Path(cache_dir), f"{name}_{split}", folder, files, seed, select,
-                        lambda p: read_rgb(p, **s["read"]), log)
-
-
-def cached_tiles(cache_dir: Path, key: str, root: Path, files: list, seed: int, select, read, log):
-    """The cache: `key.npy` [N, 3, 256, 256] and `key.json` (source files with sizes and mtimes, seed). Reused
-    when the manifest matches the folder; otherwise rebuilt into a temporary file that is renamed when full."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    npy, man = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-    manifest = dict(version=1, seed=seed, files=[[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns]
-                                                 for p in files])
-    if npy.exists() and man.exists() and json.loads(man.read_text()) == manifest:
-        return np.load(npy, mmap_mode="r")
-    man.unlink(missing_ok=True)
-    cells = select()
-    if not cells:
-        raise DataError(f"{key}: no 256×256 patch in the {len(files)} images under {root}")
-    tmp = cache_dir / f"{key}.tmp.npy"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(cells), 3, PATCH, PATCH))
-    t0, by_file = time.time(), {}
-    for n, (i, r, c) in enumerate(cells):
-        by_file.setdefault(i, []).append((n, r, c))
-    for done, (i, group) in enumerate(by_file.items(), 1):
-        img = read(files[i])  # [3, H, W]
-        for n, r, c in group:
-            out[n] = img[:, r:r + PATCH, c:c + PATCH]
-        if done % 50 == 0 or done == len(by_file):
-            rate = done / (time.time() - t0)
-            log(f"{key}: caching {done}/{len(by_file)} images, {len(cells)} patches, {rate:.1f} img/s, "
-                f"ETA {(len(by_file) - done) / rate:.0f} s")
-    out.flush()
-    del out
-    os.replace(tmp, npy)
-    man.with_suffix(".json.tmp").write_text(json.dumps(manifest))
-    os.replace(man.with_suffix(".json.tmp"), man)
-    return np.load(npy, mmap_mode="r")
 
 
 # --- [multi-GPU] torchrun + DistributedDataParallel; everything here is the identity in a single process -----

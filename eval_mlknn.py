@@ -18,6 +18,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections import defaultdict
@@ -28,6 +29,8 @@ from sklearn.metrics import average_precision_score
 from sklearn.neighbors import NearestNeighbors
 
 import cosmae
+import rs_data
+from rs_data import DataError
 
 
 # --- ML-kNN (Zhang & Zhou 2007, Fig. 1; step numbers of the pseudo-code) -----------------------------------
@@ -86,17 +89,35 @@ def evaluate_encoder(model, cfg, eval_set: dict, device=None, k: int = 10, s: fl
     return map_scores(test_y, fn(f_train, train_y, f_test, k, s))
 
 
+def load_config(run_dir) -> cosmae.Config:
+    """The resolved Config a run folder was trained with (config.json)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise DataError(f"{run_dir} is not a CoSMAE run folder (no config.json)")
+    known = {f.name for f in dataclasses.fields(cosmae.Config)}
+    return cosmae.Config(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+
+
+def load_encoder(model: cosmae.MAE, path) -> cosmae.MAE:
+    """Load a task checkpoint's encoder weights θ into `model`."""
+    ck = cosmae.load_checkpoint(path)
+    if "encoder" not in ck:
+        raise DataError(f"checkpoint {path} has no 'encoder' entry; is it a CoSMAE task checkpoint?")
+    model.load_state_dict(ck["encoder"], strict=False)
+    return model
+
+
 def evaluate_run(run_dir, eval_set: dict, device=None, **kw) -> list:
     """Rows {'task', 'name', 'micro', 'macro'}: the random-init encoder (task 0), then every task checkpoint."""
-    cfg = cosmae.load_config(run_dir)
+    cfg = load_config(run_dir)
     cfg.device = device or ("cuda" if cosmae.torch.cuda.is_available() else "cpu")
     checkpoints = cosmae.task_checkpoints(run_dir)
     if not checkpoints:
-        raise cosmae.DataError(f"{run_dir} holds no task checkpoint (task<t>_<name>.pt) yet")
+        raise DataError(f"{run_dir} holds no task checkpoint (task<t>_<name>.pt) yet")
     model = cosmae.build_model(cfg).to(cfg.device)
     rows = [dict(task=0, name="init", **evaluate_encoder(model, cfg, eval_set, cfg.device, **kw))]
     for t, name, path in checkpoints:
-        cosmae.load_encoder(model, path)
+        load_encoder(model, path)
         rows.append(dict(task=t, name=name, **evaluate_encoder(model, cfg, eval_set, cfg.device, **kw)))
         print(f"  {run_dir} T{t} {name}: micro mAP {rows[-1]['micro']:.2f}  macro mAP {rows[-1]['macro']:.2f}",
               flush=True)
@@ -136,44 +157,8 @@ def format_table(runs: list, metric: str = "micro", caption: str = "") -> str:
 def load_eval_set(ucmerced: str, cfg, cache_dir: str = "") -> dict:
     """UCMerced's splits when a folder is given (tile cache inside it by default), else the synthetic set."""
     if ucmerced:
-        return ucmerced_splits(ucmerced, Path(cache_dir or Path(ucmerced) / ".cosmae_cache"), cosmae.DATA_SEED)
-    return cosmae.synthetic_eval_set(cfg)
-
-
-# --- UCMerced multi-label (loader) ---------------------------------------------------------------------------
-
-def ucmerced_splits(folder, cache_dir, seed: int = 0, log=None) -> dict:
-    """UCMerced multi-label (Chaudhuri et al. 2018 labels): `Images/<class>/<class>NN.tif` and
-    `LandUse_Multilabeled.txt` (tab-separated, header `IMAGE\\LABEL` + 17 names, one 0/1 row per image).
-    → {'train', 'val', 'test': (uint8 [n, 3, 256, 256], uint8 [n, 17]), 'labels': names}; 1000/300/800 images
-    drawn with `seed` (the same proportions when the folder holds fewer than 2100); the 44 images that are not
-    256×256 are resized to it (bilinear)."""
-    folder, log = Path(folder), log or (lambda msg: print(msg, flush=True))
-    found = sorted(folder.glob("LandUse_Multilabeled.txt")) + sorted(folder.glob("*/LandUse_Multilabeled.txt"))
-    if not (folder / "Images").is_dir() or not found:
-        raise cosmae.DataError(f"{folder}: expected Images/<class>/<class>NN.tif and LandUse_Multilabeled.txt "
-                               "(UC Merced Land Use images from UC Merced, multi-labels of Chaudhuri et al. 2018)")
-    lines = [ln.split("\t") for ln in found[0].read_text().splitlines() if ln.strip()]
-    names, rows = [n.strip() for n in lines[0][1:]], lines[1:]
-    files = [folder / "Images" / r[0].strip().rstrip("0123456789") / f"{r[0].strip()}.tif" for r in rows]
-    missing = [str(p) for p in files if not p.is_file()]
-    if missing:
-        raise cosmae.DataError(f"{len(missing)} images listed in {found[0]} are missing, e.g. {missing[0]}")
-    y = np.array([[int(v) for v in r[1:]] for r in rows], np.uint8)
-
-    def read(path):
-        img = cosmae.read_rgb(path)
-        if img.shape[1:] != (256, 256):
-            from PIL import Image
-            img = np.asarray(Image.fromarray(img.transpose(1, 2, 0)).resize((256, 256), Image.BILINEAR)).transpose(2, 0, 1)
-        return img
-
-    x = cosmae.cached_tiles(Path(cache_dir), "ucmerced", folder, files, 0,
-                            lambda: [(i, 0, 0) for i in range(len(files))], read, log)
-    order = np.random.default_rng([seed, 2100]).permutation(len(files))
-    n_train, n_val = round(len(files) * 1000 / 2100), round(len(files) * 300 / 2100)
-    parts = dict(train=order[:n_train], val=order[n_train:n_train + n_val], test=order[n_train + n_val:])
-    return {**{k: (np.asarray(x[np.sort(v)]), y[np.sort(v)]) for k, v in parts.items()}, "labels": names}
+        return rs_data.ucmerced_splits(ucmerced, Path(cache_dir or Path(ucmerced) / ".cosmae_cache"), rs_data.DATA_SEED)
+    return rs_data.synthetic_eval_set(cosmae.tile_size(cfg))
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------
@@ -195,8 +180,8 @@ def main(argv=None) -> None:
         runs, eval_sets = [], {}
         for run_dir in args.runs:
             if not Path(run_dir).is_dir():
-                raise cosmae.DataError(f"run folder {run_dir} does not exist")
-            cfg = cosmae.load_config(run_dir)
+                raise DataError(f"run folder {run_dir} does not exist")
+            cfg = load_config(run_dir)
             key = (args.ucmerced, cosmae.tile_size(cfg))
             if key not in eval_sets:
                 eval_sets[key] = load_eval_set(args.ucmerced, cfg, args.cache_dir)
@@ -204,7 +189,7 @@ def main(argv=None) -> None:
             summary_path = Path(run_dir) / "summary.json"
             summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
             runs.append(dict(method=cfg.method, tasks=cfg.tasks, rows=rows, train_seconds=summary.get("train_seconds")))
-    except cosmae.DataError as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     src = "UCMerced (800 test images)" if args.ucmerced else "the synthetic multi-label set"

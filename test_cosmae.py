@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import cosmae
+import rs_data
 from cosmae import MAE, MODELS, Config, ReplayBuffer, mim_loss, mix_batch
 
 
@@ -205,6 +206,20 @@ def test_buffer_prefix_is_uniform_sample_of_the_task():
         buf.add_task(2, np.zeros((10, 1, 1, 1), np.uint8), np.random.default_rng(seed))
         firsts += buf.tiles[1].flatten().tolist()
     assert 35 < np.mean(firsts) < 65  # a sorted prefix would be biased to low indices (mean ≈ 20)
+
+
+def test_synthetic_tiles_labels_are_what_is_drawn_and_colour_is_jittered():
+    dom = dict(rs_data.SYNTH_DOMAINS["synth_city"])
+    a, b = rs_data.synth_tiles("synth_city", 6, 40, 3), rs_data.synth_tiles("synth_city", 6, 40, 3)
+    assert a[0].shape == (6, 3, 40, 40) and a[0].dtype == np.uint8 and np.array_equal(a[0], b[0])
+    rng = np.random.default_rng(0)
+    none = [rs_data.synth_image(rng, 40, **dict(dom, p=(0,) * 5)) for _ in range(4)]
+    assert all(y.sum() == 0 for _, y in none)  # nothing drawn: only the ground, with a low-frequency shading
+    assert all(y.sum() == 5 for _, y in (rs_data.synth_image(rng, 40, **dict(dom, p=(1,) * 5)) for _ in range(4)))
+    only_water = dict(dom, p=(0, 0, 0, 1, 0), noise=0.0)  # water covers 30-70 % of the tile
+    spread = {j: np.std([rs_data.synth_image(np.random.default_rng(i), 40, **only_water, jitter=j)[0].mean((0, 1))
+                         for i in range(40)], axis=0).mean() for j in (0.0, 0.5)}
+    assert spread[0.5] > 4 * spread[0.0]  # the default jitter makes an element's colour vary from image to image
 
 
 def test_augment_crop_flip_and_plain_resize():
@@ -666,8 +681,8 @@ def make_ucmerced(root: Path, n_per_class=14):
 def test_us3d_msi_bands_4_2_1_scaled_from_11_bit_and_official_splits(tmp_path):
     make_datasets(tmp_path / "d")
     logs = []
-    train = cosmae.task_tiles("us3d", tmp_path / "d", "train", tmp_path / "c", log=logs.append)
-    val = cosmae.task_tiles("us3d", tmp_path / "d", "val", tmp_path / "c", log=logs.append)
+    train = rs_data.task_tiles("us3d", tmp_path / "d", "train", tmp_path / "c", log=logs.append)
+    val = rs_data.task_tiles("us3d", tmp_path / "d", "val", tmp_path / "c", log=logs.append)
     assert train.shape == (8, 3, 256, 256) and val.shape == (4, 3, 256, 256) and train.dtype == np.uint8
     want = [round(v * 255 / 2047) for v in (500, 300, 200)]  # bands 4, 2, 1 (0-based) hold 500, 300, 200
     assert [int(train[0, c, 5, 5]) for c in range(3)] == want and (train == train[:1, :, :1, :1]).all()
@@ -676,26 +691,26 @@ def test_us3d_msi_bands_4_2_1_scaled_from_11_bit_and_official_splits(tmp_path):
 
 def test_potsdam_packbits_tiles_rgb_order_and_split_by_whole_images(tmp_path):
     make_datasets(tmp_path / "d")
-    train = cosmae.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
-    val = cosmae.task_tiles("potsdam", tmp_path / "d", "val", tmp_path / "c", log=lambda m: None)
+    train = rs_data.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
+    val = rs_data.task_tiles("potsdam", tmp_path / "d", "val", tmp_path / "c", log=lambda m: None)
     assert train.shape == (12, 3, 256, 256) and val.shape == (6, 3, 256, 256)  # 2 + 1 images of 2×3 patches
     assert (train[:, 0] == 10).all() and (train[:, 1] == 20).all() and (train[:, 2] == 30).all()  # IR dropped
 
 
 def test_treesat_name_with_dots_centre_crop_and_ir_g_b_r_order(tmp_path):
     make_datasets(tmp_path / "d")
-    train = cosmae.task_tiles("treesat", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
-    val = cosmae.task_tiles("treesat", tmp_path / "d", "val", tmp_path / "c", log=lambda m: None)
+    train = rs_data.task_tiles("treesat", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
+    val = rs_data.task_tiles("treesat", tmp_path / "d", "val", tmp_path / "c", log=lambda m: None)
     assert len(train) == 2 and len(val) == 1 and train.shape[1:] == (3, 256, 256)
     assert [int(train[0, c, 0, 0]) for c in range(3)] == [4, 2, 3]  # bands IR,G,B,R = 1,2,3,4 → R,G,B
-    files = cosmae.split_files("treesat", tmp_path / "d" / "TreeSatAI", 0)["files"]
+    files = rs_data.split_files("treesat", tmp_path / "d" / "TreeSatAI", 0)["files"]
     assert any(p.name == "Picea_abies_3_46_2.5_WEFL.tif" for p in files)
 
 
 def test_uavid_png_patch_counts(tmp_path):
     make_datasets(tmp_path / "d")
-    train = cosmae.task_tiles("uavid", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
-    val = cosmae.task_tiles("uavid", tmp_path / "d", "val", tmp_path / "c", log=lambda m: None)
+    train = rs_data.task_tiles("uavid", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
+    val = rs_data.task_tiles("uavid", tmp_path / "d", "val", tmp_path / "c", log=lambda m: None)
     assert train.shape == (12, 3, 256, 256) and val.shape == (6, 3, 256, 256) and (train == 77).all()
 
 
@@ -704,12 +719,12 @@ def test_tiff_layouts_hwc_and_chw_and_wrong_bands_or_dtype(tmp_path):
     tifffile.imwrite(tmp_path / "chw.tif", bands_image([1, 2, 3], 16, 16, np.uint8, chw=True),
                      photometric="minisblack", planarconfig="separate")
     for f in ("hwc.tif", "chw.tif"):
-        assert cosmae.read_rgb(tmp_path / f).shape == (3, 16, 16) and cosmae.read_rgb(tmp_path / f)[2, 0, 0] == 3
+        assert rs_data.read_rgb(tmp_path / f).shape == (3, 16, 16) and rs_data.read_rgb(tmp_path / f)[2, 0, 0] == 3
     with pytest.raises(cosmae.DataError, match="hwc.tif.*expected 8 bands"):
-        cosmae.read_rgb(tmp_path / "hwc.tif", bands=(4, 2, 1), n_bands=8, bits=11)
+        rs_data.read_rgb(tmp_path / "hwc.tif", bands=(4, 2, 1), n_bands=8, bits=11)
     tifffile.imwrite(tmp_path / "u16.tif", bands_image([1, 2, 3], 8, 8, np.uint16))
     with pytest.raises(cosmae.DataError, match="u16.tif: dtype uint16, expected uint8"):
-        cosmae.read_rgb(tmp_path / "u16.tif")
+        rs_data.read_rgb(tmp_path / "u16.tif")
 
 
 def test_lzw_tiff_without_imagecodecs_says_how_to_fix(tmp_path):
@@ -723,18 +738,18 @@ def test_lzw_tiff_without_imagecodecs_says_how_to_fix(tmp_path):
     with tifffile.TiffFile(path, mode="r+b") as tif:  # relabel the (uncompressed) strips as LZW
         tif.pages[0].tags["Compression"].overwrite(5)
     with pytest.raises(cosmae.DataError, match="lzw.tif.*pip install imagecodecs"):
-        cosmae.read_rgb(path)
+        rs_data.read_rgb(path)
 
 
 def test_data_errors_missing_empty_corrupt_unknown(tmp_path, capsys):
     with pytest.raises(cosmae.DataError, match=r"us3d: no folder .*US3D.*JAX_\*_RGB.tif.*DataPort"):
-        cosmae.task_tiles("us3d", tmp_path, "train", tmp_path / "c")
+        rs_data.task_tiles("us3d", tmp_path, "train", tmp_path / "c")
     (tmp_path / "TreeSatAI" / "aerial" / "60m").mkdir(parents=True)
     with pytest.raises(cosmae.DataError, match="treesat: no images found"):
-        cosmae.task_tiles("treesat", tmp_path, "train", tmp_path / "c")
+        rs_data.task_tiles("treesat", tmp_path, "train", tmp_path / "c")
     (tmp_path / "TreeSatAI" / "aerial" / "60m" / "bad.tif").write_bytes(b"II*\x00garbage")
     with pytest.raises(cosmae.DataError, match="cannot read .*bad.tif"):
-        cosmae.task_tiles("treesat", tmp_path, "train", tmp_path / "c")
+        rs_data.task_tiles("treesat", tmp_path, "train", tmp_path / "c")
     with pytest.raises(SystemExit) as e:
         cosmae.main(["--tasks", "potsdam", "--data-root", str(tmp_path), "--out", str(tmp_path / "run")])
     assert e.value.code == 2 and "potsdam: no folder" in capsys.readouterr().err
@@ -743,36 +758,36 @@ def test_data_errors_missing_empty_corrupt_unknown(tmp_path, capsys):
 
 def test_cache_reused_rebuilt_on_change_and_partial_files_not_trusted(tmp_path, monkeypatch):
     make_datasets(tmp_path / "d")
-    first = np.array(cosmae.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None))
-    real = cosmae.read_rgb
-    monkeypatch.setattr(cosmae, "read_rgb", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
-    again = cosmae.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
+    first = np.array(rs_data.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None))
+    real = rs_data.read_rgb
+    monkeypatch.setattr(rs_data, "read_rgb", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
+    again = rs_data.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
     assert np.array_equal(first, again)  # served from the cache without reading an image
-    monkeypatch.setattr(cosmae, "read_rgb", real)
+    monkeypatch.setattr(rs_data, "read_rgb", real)
     for src in (tmp_path / "d" / "Potsdam" / "4_Ortho_RGBIR").glob("*.tif"):  # the folder changed
         tifffile.imwrite(src, bands_image([11, 21, 31, 40], 512, 768, np.uint8))
-    rebuilt = np.array(cosmae.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None))
+    rebuilt = np.array(rs_data.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None))
     assert rebuilt.shape == first.shape and (rebuilt[:, 0] == 11).all()
     (tmp_path / "c" / "potsdam_train.json").unlink()  # as if a build died before writing its manifest
     (tmp_path / "c" / "potsdam_train.tmp.npy").write_bytes(b"half")
     calls = []
-    monkeypatch.setattr(cosmae, "read_rgb", lambda *a, **k: calls.append(1) or real(*a, **k))
-    assert np.array_equal(cosmae.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None), rebuilt)
+    monkeypatch.setattr(rs_data, "read_rgb", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert np.array_equal(rs_data.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None), rebuilt)
     assert calls  # rebuilt from the images
 
 
 def test_split_is_deterministic_under_a_seed(tmp_path):
     make_datasets(tmp_path / "d")
     for name in ("potsdam", "treesat", "us3d"):
-        a, b = (cosmae.split_files(name, cosmae.find_dataset(name, tmp_path / "d"), 0) for _ in range(2))
+        a, b = (rs_data.split_files(name, rs_data.find_dataset(name, tmp_path / "d"), 0) for _ in range(2))
         assert a["train"] == b["train"] and a["val"] == b["val"]
-    vals = {tuple(cosmae.split_files("potsdam", tmp_path / "d" / "Potsdam", s)["val"]) for s in range(6)}
+    vals = {tuple(rs_data.split_files("potsdam", tmp_path / "d" / "Potsdam", s)["val"]) for s in range(6)}
     assert len(vals) > 1  # another seed, another validation image
 
 
 def test_ucmerced_labels_crlf_resize_and_split_sizes(tmp_path):
     names = make_ucmerced(tmp_path / "UCMerced_LandUse")
-    s = eval_mlknn.ucmerced_splits(tmp_path / "UCMerced_LandUse", tmp_path / "c", seed=0, log=lambda m: None)
+    s = rs_data.ucmerced_splits(tmp_path / "UCMerced_LandUse", tmp_path / "c", seed=0, log=lambda m: None)
     assert s["labels"] == names
     assert [len(s[k][0]) for k in ("train", "val", "test")] == [20, 6, 16]  # 42 images in 1000:300:800
     x = np.concatenate([s[k][0] for k in ("train", "val", "test")])
@@ -790,7 +805,7 @@ def test_end_to_end_four_fake_datasets_then_eval_on_fake_ucmerced(tmp_path, caps
                  "--ucmerced", ucm, "--model", "vit_test", "--epochs", "1", "--batch-size", "2",
                  "--warmup-epochs", "0.5", "--device", "cpu", "--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
-    assert "T4 treesat" in out and "UCMerced" in out
+    assert "T4 (treesat)" in out and "UCMerced" in out
     assert [p.name for _, _, p in cosmae.task_checkpoints(tmp_path / "run")][-1] == "task4_treesat.pt"
     eval_mlknn.main([str(tmp_path / "run"), "--ucmerced", ucm, "--device", "cpu"])
     assert "T4 (treesat)" in capsys.readouterr().out
@@ -799,7 +814,24 @@ def test_end_to_end_four_fake_datasets_then_eval_on_fake_ucmerced(tmp_path, caps
 def test_presets_paper_for_real_tasks_synthetic_otherwise_explicit_flags_win():
     paper = cosmae.resolve(Config(tasks=["us3d", "uavid"]))
     assert (paper.model, paper.epochs, paper.batch_size, paper.warmup_epochs) == ("vit_base", 300, 128, 10)
+    assert paper.norm_pix_loss is False  # the paper does not mention MAE's normalised target
     synth = cosmae.resolve(Config(warmup_epochs=0.0, epochs=2))
-    assert (synth.model, synth.epochs, synth.warmup_epochs) == ("vit_tiny", 2, 0.0)
+    assert (synth.model, synth.epochs, synth.warmup_epochs, synth.norm_pix_loss) == ("vit_tiny", 2, 0.0, True)
+    assert cosmae.parse_args(["--no-norm-pix-loss"]).norm_pix_loss is False
+    assert cosmae.parse_args(["--tasks", "us3d", "--norm-pix-loss"]).norm_pix_loss is True
     assert MODELS["vit_base"] == dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                                       decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+
+
+def test_evaluating_a_task_again_replaces_its_row(tmp_path, monkeypatch):
+    """A run that crashed in task 1 evaluates the random init again when resumed: one row per task."""
+    run = cosmae.Run(tiny_cfg(tmp_path, eval=True))
+    run.eval_set = {"stub": None}  # not read by the stubbed evaluation
+    scores = iter([dict(micro=1.0, macro=2.0), dict(micro=3.0, macro=4.0), dict(micro=5.0, macro=6.0)])
+    monkeypatch.setattr(eval_mlknn, "evaluate_encoder", lambda *a, **k: next(scores))
+    run.evaluate(0, "init", None)
+    run.evaluate(1, "synth_city", None)
+    run.evaluate(0, "init", None)
+    rows = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert [(r["task"], r["micro"], r["macro"]) for r in rows] == [(0, 5.0, 6.0), (1, 3.0, 4.0)]
+    assert cosmae.Run(tiny_cfg(tmp_path, eval=True)).eval_rows == rows  # and a resumed Run reads them back

@@ -1,0 +1,304 @@
+"""Remote-sensing data for CoSMAE: every task is one uint8 array of RGB tiles [n, 3, S, S].
+
+- The four task datasets of the paper (US3D, UAVid, Potsdam, TreeSatAI) and UCMerced multi-label, read from
+  their official layouts under a folder the user names (nothing is downloaded), cut into 256×256 patches and
+  written once into a memory-mapped tile cache.
+- The built-in synthetic default: procedurally drawn RS-like tiles of four domains, and a synthetic
+  multi-label evaluation set.
+
+cosmae.py (training) and eval_mlknn.py (evaluation) read their data through this file only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(Exception):
+    """A problem with the user's input (data, task name, checkpoint): the CLIs print it and exit with 2."""
+
+
+DATA_SEED = 0  # which patches and splits are drawn: the same in every run; --seed varies the model's
+# initialisation, the data order and the augmentation (the paper: "three randomly initialised models")
+
+
+# --- the built-in synthetic default -----------------------------------------------------------------------
+
+SYNTH_LABELS = ("building", "road", "tree", "water", "car")
+SYNTH_DOMAINS = {  # ground colour, sensor tint, object scale, P(element present) for SYNTH_LABELS
+    "synth_city": dict(ground=(125, 120, 112), tint=(1.0, 1.0, 1.05), scale=0.8, p=(0.8, 0.7, 0.4, 0.3, 0.6)),
+    "synth_farm": dict(ground=(150, 138, 78), tint=(1.05, 1.0, 0.9), scale=1.3, p=(0.4, 0.5, 0.6, 0.3, 0.3)),
+    "synth_forest": dict(ground=(78, 100, 55), tint=(0.9, 1.05, 0.95), scale=1.0, p=(0.3, 0.4, 0.9, 0.4, 0.3)),
+    "synth_coast": dict(ground=(205, 188, 140), tint=(1.0, 1.0, 1.1), scale=1.5, p=(0.5, 0.4, 0.3, 0.8, 0.4)),
+}
+
+
+def synth_image(rng: np.random.Generator, size: int, ground, tint, scale: float, p, jitter: float = 0.5,
+                noise: float = 6.0) -> tuple:
+    """One procedurally drawn RS-like tile: ([size, size, 3] uint8, [5] 0/1 presence of SYNTH_LABELS).
+    Each element has its own shape and texture (rippled water behind a wavy shore, a straight road with a dashed
+    centre line, shaded round crowns, striped roofs with shadows, cars with windscreens). Every colour (ground
+    included) is moved by up to ±jitter·255 per channel around its palette value, so that, as with real roofs
+    or fields, colour alone does not tell the labels: at jitter 0 the per-image colour mean and std alone
+    give 89.5 micro mAP, and a random-init encoder beats minutes of MAE pretraining (README, "Synthetic data")."""
+    col = lambda c: np.clip(np.asarray(c, np.float32) + rng.uniform(-jitter, jitter, 3) * 255, 20, 235)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # [S, S] coordinates in [0, 1)
+    f = rng.uniform(2, 6, 2)
+    img = col(ground) * (1 + 0.1 * np.sin(f[0] * 6.3 * xx + rng.uniform(0, 6)) * np.cos(f[1] * 6.3 * yy))[..., None]
+    present = rng.random(5) < np.asarray(p)
+    if present[3]:  # water: a region behind a wavy shore line, with ripples parallel to the shore
+        shore = rng.uniform(0.3, 0.7) + 0.08 * np.sin(rng.uniform(4, 12) * xx + rng.uniform(0, 6))
+        water = yy > shore if rng.random() < 0.5 else yy < shore
+        ripple = 1 + 0.25 * np.sin(2 * np.pi * (yy - shore) * size / 5)
+        img[water] = col((40, 80, 140)) * ripple[water, None]
+    road = None
+    if present[1]:  # road: a straight band with a dashed centre line
+        a, c, w = rng.uniform(0, np.pi), rng.uniform(0.3, 0.7), 0.05 * scale
+        road = (xx - c) * np.cos(a) + (yy - c) * np.sin(a)
+        img[np.abs(road) < w] = col((105, 105, 108))
+        along = -(xx - c) * np.sin(a) + (yy - c) * np.cos(a)
+        img[(np.abs(road) < 0.008) & (np.sin(along * 60) > 0)] = (235, 235, 235)
+    if present[2]:  # trees: round crowns, bright at the top-left, dark at the rim
+        tree = col((35, 75, 30))
+        for _ in range(rng.integers(4, 16)):
+            cy, cx, r = rng.random(), rng.random(), 0.05 * scale * rng.uniform(0.6, 1.4)
+            d = ((yy - cy + r / 3) ** 2 + (xx - cx + r / 3) ** 2) / (r * r)
+            inside = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+            img[inside] = tree * (1.5 - d[inside, None])
+    if present[0]:  # buildings: rectangles with a two-tone striped roof and a shadow
+        roof = col(rng.choice([(170, 80, 60), (150, 150, 155), (90, 90, 100)]))
+        for _ in range(rng.integers(1, 5)):
+            y0, x0 = rng.uniform(0.05, 0.75, 2)
+            h, w = 0.12 * scale * rng.uniform(0.7, 1.5, 2)
+            box = lambda dy, dx: (yy >= y0 + dy) & (yy < y0 + h + dy) & (xx >= x0 + dx) & (xx < x0 + w + dx)
+            img[box(0.02, 0.02) & ~box(0, 0)] *= 0.45
+            stripes = 1 + 0.3 * np.sign(np.sin(2 * np.pi * xx * size / 3))
+            img[box(0, 0)] = roof * stripes[box(0, 0), None] * np.where(yy[box(0, 0)] < y0 + h / 2, 0.75, 1)[:, None]
+    if present[4]:  # cars: small bright rectangles with a dark windscreen, on the road when there is one
+        for _ in range(rng.integers(1, 6)):
+            cy, cx = rng.uniform(0.05, 0.9, 2)
+            if road is not None:
+                on = np.argwhere(np.abs(road) < 0.02)
+                cy, cx = on[rng.integers(len(on))] / size
+            car = (np.abs(yy - cy) < 0.025) & (np.abs(xx - cx) < 0.04)
+            img[car] = col(rng.choice([(220, 30, 30), (240, 240, 240), (30, 60, 200), (240, 200, 20)]))
+            img[car & (xx > cx + 0.01)] *= 0.3
+    img = img * np.asarray(tint, np.float32) + rng.normal(0, noise * rng.random(), img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), present.astype(np.uint8)
+
+
+def synth_tiles(name: str, n: int, size: int, seed: int, jitter: float = 0.5, noise: float = 6.0) -> tuple:
+    """n tiles of one synthetic domain ('synth_eval' mixes all domains, each element with P = 0.5).
+    → (uint8 [n, 3, size, size], uint8 [n, 5])."""
+    names = list(SYNTH_DOMAINS)
+    rng = np.random.default_rng([seed, 1 + names.index(name) if name in names else 99])
+    imgs, labels = np.empty((n, 3, size, size), np.uint8), np.empty((n, 5), np.uint8)
+    for i in range(n):
+        dom = SYNTH_DOMAINS[name] if name in names else dict(SYNTH_DOMAINS[names[i % 4]], p=(0.5,) * 5)
+        img, labels[i] = synth_image(rng, size, **dom, jitter=jitter, noise=noise)
+        imgs[i] = img.transpose(2, 0, 1)
+    return imgs, labels
+
+
+def synthetic_eval_set(size: int) -> dict:
+    """The synthetic multi-label set (labels = which land-cover elements are drawn), UCMerced-sized splits."""
+    x, y = synth_tiles("synth_eval", 1800, size, DATA_SEED + 12345)
+    return {"train": (x[:1000], y[:1000]), "test": (x[1000:], y[1000:]), "labels": list(SYNTH_LABELS)}
+
+
+# --- real remote-sensing datasets: official layouts → one cached uint8 array per split --------------------
+# Every image is cut into non-overlapping 256×256 RGB patches (TreeSatAI: the centre 256×256), the paper's
+# counts are drawn with a fixed seed, and the patches of a split are written once into a memory-mapped .npy
+# (atomic write + a manifest of the source files: a changed folder is rebuilt, a half-written file never read).
+REAL_TASKS = ("us3d", "uavid", "potsdam", "treesat")
+PAPER_COUNTS = {"us3d": (21081, 3072), "uavid": (24560, 8640), "potsdam": (15870, 1058), "treesat": (15000, 1000)}
+DATASETS = {  # folder names under --data-root, the files looked for, where to get the data
+    "us3d": (("US3D", "us3d", "DFC2019", "dfc2019"), "JAX_*_RGB.tif (uint8, 3 bands) or JAX_*_MSI.tif (uint16, "
+             "8 bands) 1024×1024 tiles; validation tiles in a folder whose name contains 'val'",
+             "US3D / 2019 IEEE GRSS Data Fusion Contest track data (IEEE DataPort)"),
+    "uavid": (("UAVid", "uavid"), "uavid_train/seqN/Images/*.png and uavid_val/seqN/Images/*.png",
+              "UAVid (uavid.nl)"),
+    "potsdam": (("Potsdam", "potsdam", "ISPRS_Potsdam"), "4_Ortho_RGBIR/top_potsdam_*_RGBIR.tif (R,G,B,IR) or "
+                "2_Ortho_RGB/top_potsdam_*_RGB.tif, 6000×6000", "ISPRS 2D semantic labelling, Potsdam"),
+    "treesat": (("TreeSatAI", "treesat", "TreeSat"), "aerial/60m/*.tif, 304×304, 4 bands IR,G,B,R",
+                "TreeSatAI benchmark archive (Zenodo)"),
+}
+PATCH = 256
+
+
+def find_dataset(name: str, data_root) -> Path:
+    names, layout, source = DATASETS[name]
+    for n in names:
+        if (Path(data_root) / n).is_dir():
+            return Path(data_root) / n
+    raise DataError(f"{name}: no folder {' or '.join(str(Path(data_root) / n) for n in names)}. Expected inside "
+                    f"it: {layout}. Get the data from: {source}; or point --data-root at the folder holding it.")
+
+
+def read_rgb(path: Path, bands=(0, 1, 2), n_bands=3, bits=8) -> np.ndarray:
+    """An RGB uint8 image [3, H, W] from a PNG or a TIFF ([H, W, C] or [C, H, W]) with n_bands bands."""
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+            return np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1)
+        import tifffile
+        a = tifffile.imread(path)
+    except Exception as e:
+        hint = " (LZW/JPEG TIFFs need: pip install imagecodecs)" if "imagecodecs" in str(e) else ""
+        raise DataError(f"cannot read {path}: {type(e).__name__}: {str(e)[:160]}{hint}") from None
+    if a.ndim != 3 or n_bands not in (a.shape[0], a.shape[-1]):
+        raise DataError(f"{path}: shape {a.shape}, expected {n_bands} bands ([H, W, {n_bands}] or [{n_bands}, H, W])")
+    if a.dtype != (np.uint8 if bits == 8 else np.uint16):
+        raise DataError(f"{path}: dtype {a.dtype}, expected {'uint8' if bits == 8 else 'uint16'}")
+    a = a if a.shape[0] == n_bands and a.shape[-1] != n_bands else a.transpose(2, 0, 1)  # → [C, H, W]
+    rgb = a[list(bands)].astype(np.float32)
+    return np.clip(rgb * (255 / (2 ** bits - 1)), 0, 255).round().astype(np.uint8) if bits != 8 else rgb.astype(np.uint8)
+
+
+def image_size(path: Path) -> tuple:
+    """(H, W) from the header alone."""
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+            w, h = Image.open(path).size
+            return h, w
+        import tifffile
+        with tifffile.TiffFile(path) as tif:
+            s = tif.series[0].shape
+        return (s[1], s[2]) if len(s) == 3 and s[0] < min(s[1], s[2]) else (s[0], s[1])
+    except Exception as e:
+        raise DataError(f"cannot read {path}: {type(e).__name__}: {str(e)[:160]}") from None
+
+
+def split_files(name: str, folder: Path, seed: int) -> dict:
+    """{'train': [paths], 'val': [paths]} and how each file is read, in the dataset's official layout."""
+    rng, srt = np.random.default_rng([seed, 42]), lambda ps: sorted(ps, key=str)
+    if name == "us3d":
+        files = srt(folder.rglob("*_RGB.tif")) or srt(folder.rglob("*_MSI.tif"))
+        val = [p for p in files if "val" in str(p.parent.relative_to(folder)).lower()]
+        train = [p for p in files if p not in val]
+        if not val and len(train) > 1:  # one pool of tiles: hold out the paper's share of tiles for validation
+            val = [train[i] for i in rng.permutation(len(train))[:max(1, round(len(train) * 3072 / 24153))]]
+            train = [p for p in train if p not in val]
+        msi = bool(files) and files[0].name.endswith("_MSI.tif")
+        read = dict(bands=(4, 2, 1), n_bands=8, bits=11) if msi else {}
+    elif name == "uavid":
+        files = srt(folder.rglob("uavid_*/*/Images/*.png"))
+        train, val = [p for p in files if "uavid_train" in p.parts], [p for p in files if "uavid_val" in p.parts]
+        read = {}
+    elif name == "potsdam":  # split by whole orthophotos: 1058 = 2×529 val, 15870 = 30×529 train patches
+        files = srt((folder / "4_Ortho_RGBIR").glob("*.tif")) or srt((folder / "2_Ortho_RGB").glob("*.tif"))
+        order = [files[i] for i in rng.permutation(len(files))]
+        n_val = 2 if len(files) >= 32 else int(len(files) >= 2)
+        val, train = order[:n_val], order[n_val:n_val + 30]
+        read = dict(n_bands=4) if files and "RGBIR" in files[0].name else {}
+    else:  # treesat: IR,G,B,R → RGB = bands 3, 1, 2; a random selection of whole images
+        files = srt((folder / "aerial" / "60m").glob("*.tif"))
+        order = [files[i] for i in rng.permutation(len(files))]
+        n_val = min(1000, max(int(len(files) >= 2), len(files) // 16))
+        val, train = order[:n_val], order[n_val:]
+        read = dict(bands=(3, 1, 2), n_bands=4)
+    if not files:
+        raise DataError(f"{name}: no images found in {folder}; expected {DATASETS[name][1]}")
+    return dict(train=train, val=val, read=read, files=files)
+
+
+def patch_grid(name: str, h: int, w: int) -> list:
+    """Top-left corners of the non-overlapping 256×256 patches of an H×W image (TreeSatAI: the centre one)."""
+    if name == "treesat":
+        return [((h - PATCH) // 2, (w - PATCH) // 2)] if min(h, w) >= PATCH else []
+    return [(r, c) for r in range(0, h - PATCH + 1, PATCH) for c in range(0, w - PATCH + 1, PATCH)]
+
+
+def task_tiles(name: str, data_root, split: str, cache_dir, seed: int = 0, log=None) -> np.ndarray:
+    """uint8 [N, 3, 256, 256] patches of one task split ('train' or 'val'), memory-mapped from the tile cache."""
+    log = log or (lambda msg: print(msg, flush=True))
+    if name not in DATASETS:
+        raise DataError(f"unknown task {name!r}; known: {list(DATASETS)}")
+    folder = find_dataset(name, data_root)
+    s = split_files(name, folder, seed)
+    files, want = s[split], PAPER_COUNTS[name][split == "val"]
+
+    def select():  # the paper's count of patches, drawn at random from every patch of the split (headers only)
+        cells = [(i, r, c) for i, p in enumerate(files) for r, c in patch_grid(name, *image_size(p))]
+        if len(cells) < want:
+            log(f"{name} {split}: {len(cells)} patches found, the paper uses {want}: using {len(cells)}")
+        pick = np.sort(np.random.default_rng([seed, 7]).permutation(len(cells))[:want])
+        return [cells[i] for i in pick]
+
+    return cached_tiles(Path(cache_dir), f"{name}_{split}", folder, files, seed, select,
+                        lambda p: read_rgb(p, **s["read"]), log)
+
+
+def cached_tiles(cache_dir: Path, key: str, root: Path, files: list, seed: int, select, read, log):
+    """The cache: `key.npy` [N, 3, 256, 256] and `key.json` (source files with sizes and mtimes, seed). Reused
+    when the manifest matches the folder; otherwise rebuilt into a temporary file that is renamed when full."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    npy, man = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    manifest = dict(version=1, seed=seed, files=[[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns]
+                                                 for p in files])
+    if npy.exists() and man.exists() and json.loads(man.read_text()) == manifest:
+        return np.load(npy, mmap_mode="r")
+    man.unlink(missing_ok=True)
+    cells = select()
+    if not cells:
+        raise DataError(f"{key}: no 256×256 patch in the {len(files)} images under {root}")
+    tmp = cache_dir / f"{key}.tmp.npy"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(cells), 3, PATCH, PATCH))
+    t0, by_file = time.time(), {}
+    for n, (i, r, c) in enumerate(cells):
+        by_file.setdefault(i, []).append((n, r, c))
+    for done, (i, group) in enumerate(by_file.items(), 1):
+        img = read(files[i])  # [3, H, W]
+        for n, r, c in group:
+            out[n] = img[:, r:r + PATCH, c:c + PATCH]
+        if done % 50 == 0 or done == len(by_file):
+            rate = done / (time.time() - t0)
+            log(f"{key}: caching {done}/{len(by_file)} images, {len(cells)} patches, {rate:.1f} img/s, "
+                f"ETA {(len(by_file) - done) / rate:.0f} s")
+    out.flush()
+    del out
+    os.replace(tmp, npy)
+    man.with_suffix(".json.tmp").write_text(json.dumps(manifest))
+    os.replace(man.with_suffix(".json.tmp"), man)
+    return np.load(npy, mmap_mode="r")
+
+
+# --- UCMerced multi-label (the evaluation set of the paper) --------------------------------------------
+
+def ucmerced_splits(folder, cache_dir, seed: int = 0, log=None) -> dict:
+    """UCMerced multi-label (Chaudhuri et al. 2018 labels): `Images/<class>/<class>NN.tif` and
+    `LandUse_Multilabeled.txt` (tab-separated, header `IMAGE\\LABEL` + 17 names, one 0/1 row per image).
+    → {'train', 'val', 'test': (uint8 [n, 3, 256, 256], uint8 [n, 17]), 'labels': names}; 1000/300/800 images
+    drawn with `seed` (the same proportions when the folder holds fewer than 2100); the 44 images that are not
+    256×256 are resized to it (bilinear)."""
+    folder, log = Path(folder), log or (lambda msg: print(msg, flush=True))
+    found = sorted(folder.glob("LandUse_Multilabeled.txt")) + sorted(folder.glob("*/LandUse_Multilabeled.txt"))
+    if not (folder / "Images").is_dir() or not found:
+        raise DataError(f"{folder}: expected Images/<class>/<class>NN.tif and LandUse_Multilabeled.txt "
+                               "(UC Merced Land Use images from UC Merced, multi-labels of Chaudhuri et al. 2018)")
+    lines = [ln.split("\t") for ln in found[0].read_text().splitlines() if ln.strip()]
+    names, rows = [n.strip() for n in lines[0][1:]], lines[1:]
+    files = [folder / "Images" / r[0].strip().rstrip("0123456789") / f"{r[0].strip()}.tif" for r in rows]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} images listed in {found[0]} are missing, e.g. {missing[0]}")
+    y = np.array([[int(v) for v in r[1:]] for r in rows], np.uint8)
+
+    def read(path):
+        img = read_rgb(path)
+        if img.shape[1:] != (256, 256):
+            from PIL import Image
+            img = np.asarray(Image.fromarray(img.transpose(1, 2, 0)).resize((256, 256), Image.BILINEAR)).transpose(2, 0, 1)
+        return img
+
+    x = cached_tiles(Path(cache_dir), "ucmerced", folder, files, 0,
+                            lambda: [(i, 0, 0) for i in range(len(files))], read, log)
+    order = np.random.default_rng([seed, 2100]).permutation(len(files))
+    n_train, n_val = round(len(files) * 1000 / 2100), round(len(files) * 300 / 2100)
+    parts = dict(train=order[:n_train], val=order[n_train:n_train + n_val], test=order[n_train + n_val:])
+    return {**{k: (np.asarray(x[np.sort(v)]), y[np.sort(v)]) for k, v in parts.items()}, "labels": names}
