@@ -746,13 +746,14 @@ class Run:
         self.cfg, self.out, self.main, self.eval_set = cfg, Path(cfg.out), DIST["rank"] == 0, None
         self.out.mkdir(parents=True, exist_ok=True)
         conf, old = dataclasses.asdict(cfg), self.read("config.json", None)
-        ignore = ("device", "log_every", "eval")  # may change between a run and its resume
-        diff = {k: (old.get(k), v) for k, v in conf.items() if k not in ignore and old.get(k) != v} if old else {}
         if old is None:
             self.write("config.json", conf)
-        elif diff:
-            raise DataError(f"{self.out} holds a run with another configuration {diff} (old, new); "
-                            "use another --out, or the same flags to resume")
+        else:  # a resume: the same run, except what may change between a run and its resume
+            diff = {k: (old.get(k), v) for k, v in conf.items()
+                    if k not in ("device", "log_every", "eval") and old.get(k) != v}
+            if diff:
+                raise DataError(f"{self.out} holds a run with another configuration {diff} (old, new); "
+                                "use another --out, or the same flags to resume")
         print("config: " + " ".join(f"{k}={v}" for k, v in conf.items()))
         self.summary = self.read("summary.json", dict(method=cfg.method, seed=cfg.seed, tasks=cfg.tasks,
                                                       completed=0, train_seconds=0.0))
@@ -813,7 +814,7 @@ class Run:
         """ML-kNN on UCMerced (--ucmerced) or the synthetic multi-label set; the row of task t into eval.json."""
         if not self.main:
             return
-        import eval_mlknn
+        import eval_mlknn  # here, not at the top: eval_mlknn imports this file
         self.eval_set = self.eval_set or eval_mlknn.load_eval_set(self.cfg.ucmerced, self.cfg)
         t0, r = time.time(), eval_mlknn.evaluate_encoder(model, self.cfg, self.eval_set, self.cfg.device)
         row = dict(task=t, name=name, micro=r["micro"], macro=r["macro"])
@@ -823,11 +824,13 @@ class Run:
 
     def print_table(self):
         """Micro and macro mAP (%) after each task, laid out like the paper's Table II."""
+        if not self.eval_rows:
+            return
         import eval_mlknn
         src = "UCMerced" if self.cfg.ucmerced else "the synthetic multi-label set"
         run = dict(method=self.cfg.method, tasks=self.cfg.tasks, rows=self.eval_rows,
                    train_seconds=self.summary["train_seconds"])
-        for m in ("micro", "macro") if self.eval_rows else ():
+        for m in ("micro", "macro"):
             print(eval_mlknn.format_table([run], m, f"\n{m} mAP (%) of ML-kNN (k=10) on {src}, after each task:"))
 
 
