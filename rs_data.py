@@ -280,7 +280,7 @@ def ucmerced_splits(folder, cache_dir, seed: int = 0, log=None) -> dict:
     found = sorted(folder.glob("LandUse_Multilabeled.txt")) + sorted(folder.glob("*/LandUse_Multilabeled.txt"))
     if not (folder / "Images").is_dir() or not found:
         raise DataError(f"{folder}: expected Images/<class>/<class>NN.tif and LandUse_Multilabeled.txt "
-                               "(UC Merced Land Use images from UC Merced, multi-labels of Chaudhuri et al. 2018)")
+                        "(UC Merced Land Use images from UC Merced, multi-labels of Chaudhuri et al. 2018)")
     lines = [ln.split("\t") for ln in found[0].read_text().splitlines() if ln.strip()]
     names, rows = [n.strip() for n in lines[0][1:]], lines[1:]
     files = [folder / "Images" / r[0].strip().rstrip("0123456789") / f"{r[0].strip()}.tif" for r in rows]
@@ -291,13 +291,13 @@ def ucmerced_splits(folder, cache_dir, seed: int = 0, log=None) -> dict:
 
     def read(path):
         img = read_rgb(path)
-        if img.shape[1:] != (256, 256):
+        if img.shape[1:] != (PATCH, PATCH):  # the cache holds PATCH × PATCH tiles
             from PIL import Image
-            img = np.asarray(Image.fromarray(img.transpose(1, 2, 0)).resize((256, 256), Image.BILINEAR)).transpose(2, 0, 1)
+            img = np.asarray(Image.fromarray(img.transpose(1, 2, 0)).resize((PATCH, PATCH), Image.BILINEAR)).transpose(2, 0, 1)
         return img
 
     x = cached_tiles(Path(cache_dir), "ucmerced", folder, files, 0,
-                            lambda: [(i, 0, 0) for i in range(len(files))], read, log)
+                     lambda: [(i, 0, 0) for i in range(len(files))], read, log)
     order = np.random.default_rng([seed, 2100]).permutation(len(files))
     n_train, n_val = round(len(files) * 1000 / 2100), round(len(files) * 300 / 2100)
     parts = dict(train=order[:n_train], val=order[n_train:n_train + n_val], test=order[n_train + n_val:])
