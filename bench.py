@@ -7,11 +7,14 @@
     (c) the teacher rebuild alone            MixupTeacher.rebuild(λ2)
     (d) the input pipeline alone             memory-mapped uint8 .npy cache → batches() → augment()
     (e) frozen-encoder feature extraction    extract_features() (what the ML-kNN evaluation runs)
+    (f) an ER step (baselines.py)            (a) on the batch plus ⌈B/32⌉ buffer images
+    (g) a DER step (baselines.py)            (a) plus an unmasked encoder pass on ⌈B/10⌉ buffer images
 
 Each figure is the median of --repeats timed calls after --warmup calls; on CUDA the device is synchronised
 around each timed call, never inside it. FLOPs (forward + backward) are counted with FlopCounterMode over
-one step of (a) and of (b): (b)/(a) in time should approach (b)/(a) in FLOPs, since everything (b) adds that
-is not a matmul (buffer draw, mixup, rebuild, loss) should be cheap.
+one step of (a), (b), (f) and (g): (b)/(a) in time should approach (b)/(a) in FLOPs, since everything (b) adds
+that is not a matmul (buffer draw, mixup, rebuild, loss) should be cheap. (f)/(a) and (g)/(a) are the costs of
+ER and DER over fine-tuning, which the paper reports as +3 % and +18 % (Table II's training hours).
 
 Run:
     python bench.py --device cpu --batch 8 --repeats 3     # ViT-B/16 on a small CPU box (~5 min on 2 cores)
@@ -32,6 +35,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import baselines
 import cosmae
 
 PAPER_TRAIN = {"us3d": 21081, "uavid": 24560, "potsdam": 15870, "treesat": 15000}  # training images per task
@@ -117,18 +121,27 @@ def main():
     opt = cosmae.make_optimizer(model, projector, cfg)
     theta_prev = {k: v.detach().clone() for k, v in model.state_dict().items() if cosmae.is_encoder_key(k)}
     teacher = cosmae.MixupTeacher(model, theta_prev, compile_)
-    net = torch.compile(model) if compile_ else model  # as train_task
+    net = torch.compile(model, dynamic=False) if compile_ else model  # as train_task
     tmp = tempfile.TemporaryDirectory()
     tiles = tile_cache(Path(tmp.name) / "tiles.npy", max(cfg.memory_size, 16 * batch), cosmae.tile_size(cfg), rng)
     buffer = cosmae.ReplayBuffer(cfg.memory_size)
     buffer.add_task(1, tiles, rng)
-    raw = torch.from_numpy(np.array(tiles[:batch])).to(device)  # the same batch for (a) and (b)
+    raw = torch.from_numpy(np.array(tiles[:batch])).to(device)  # the same batch for every step
+    bcfg = {m: baselines.resolve(baselines.BaselineConfig(**{**vars(cfg), "method": m})) for m in ("er", "der")}
+    er, der = baselines.ER(bcfg["er"]), baselines.DER(bcfg["der"])
+    der.end_task(1, model, tiles, buffer)  # its stored features of the buffer
 
     def step_a():
         cosmae.train_step(net, projector, None, opt, raw, buffer, rng, gen, cfg, mixup=False)
 
     def step_b(t=teacher, m=net):
         cosmae.train_step(m, projector, t, opt, raw, buffer, rng, gen, cfg, mixup=True)
+
+    def step_f():
+        er.step(net, projector, None, opt, raw, buffer, rng, gen, bcfg["er"], False)
+
+    def step_g():
+        der.step(net, projector, None, opt, raw, buffer, rng, gen, bcfg["der"], False)
 
     def pipeline():
         for r in cosmae.batches(tiles, batch, rng, device):
@@ -144,26 +157,33 @@ def main():
     # --- FLOPs of one step each, on the uncompiled model (FLOPs do not depend on compilation) --------------
     flops_a = count_flops(lambda: cosmae.train_step(model, projector, None, opt, raw, buffer, rng, gen, cfg, False))
     flops_b = count_flops(lambda: step_b(cosmae.MixupTeacher(model, theta_prev) if compile_ else teacher, model))
+    flops_f = count_flops(lambda: er.step(model, projector, None, opt, raw, buffer, rng, gen, bcfg["er"], False))
+    flops_g = count_flops(lambda: der.step(model, projector, None, opt, raw, buffer, rng, gen, bcfg["der"], False))
 
     # --- timings --------------------------------------------------------------------------------------------
     t = timeit(dict(a=step_a, b=step_b, c=lambda: teacher.rebuild(0.5), d=pipeline,  # (d): one epoch of the cache
-                    e=lambda: cosmae.extract_features(model, feat_tiles, cfg, device, batch)),
+                    e=lambda: cosmae.extract_features(model, feat_tiles, cfg, batch), f=step_f, g=step_g),
                args.warmup, args.repeats, device)
-    n_img = dict(a=batch, b=batch, c=batch, d=len(tiles) // batch * batch, e=len(feat_tiles))
+    n_img = dict(a=batch, b=batch, c=batch, d=len(tiles) // batch * batch, e=len(feat_tiles), f=batch, g=batch)
     ips = {k: n_img[k] / t[k] for k in t}
     r = dict(device=str(device), model=cfg.model, batch=batch, amp=cfg.amp and device.type == "cuda",
              compile=compile_, seconds=t, images_per_s=ips, flops_a=flops_a, flops_b=flops_b,
-             time_ratio_b_a=t["b"] / t["a"], flop_ratio_b_a=flops_b / flops_a,
+             time_ratio_b_a=t["b"] / t["a"], flop_ratio_b_a=flops_b / flops_a, flops_f=flops_f, flops_g=flops_g,
+             time_ratio_f_a=t["f"] / t["a"], flop_ratio_f_a=flops_f / flops_a,
+             time_ratio_g_a=t["g"] / t["a"], flop_ratio_g_a=flops_g / flops_a,
              rebuild_pct_of_b=100 * t["c"] / t["b"], pipeline_x_b=ips["d"] / ips["b"])
 
     names = dict(a="(a) MAE step", b="(b) CoSMAE step", c="(c) teacher rebuild", d="(d) input pipeline",
-                 e="(e) feature extraction")
+                 e="(e) feature extraction", f="(f) ER step", g="(g) DER step")
     extra = dict(a=f"{flops_a / 1e9:9.4g} GFLOP", b=f"{flops_b / 1e9:9.4g} GFLOP",
-                 c=f"{r['rebuild_pct_of_b']:9.2f} % of (b)", d=f"{r['pipeline_x_b']:9.1f} × (b)", e="")
+                 c=f"{r['rebuild_pct_of_b']:9.2f} % of (b)", d=f"{r['pipeline_x_b']:9.1f} × (b)", e="",
+                 f=f"{flops_f / 1e9:9.4g} GFLOP", g=f"{flops_g / 1e9:9.4g} GFLOP")
     for k in t:
         print(f"{names[k]:24s} {1e3 * t[k]:10.1f} ms {ips[k]:10.1f} img/s  {extra[k]}")
     dev_pct = 100 * (r["time_ratio_b_a"] / r["flop_ratio_b_a"] - 1)
     print(f"(b)/(a): time {r['time_ratio_b_a']:.3f}×, FLOPs {r['flop_ratio_b_a']:.3f}× ({dev_pct:+.1f} % off)")
+    for k, paper in (("f", "+3 %"), ("g", "+18 %")):
+        print(f"({k})/(a): time {r[f'time_ratio_{k}_a']:.3f}×, FLOPs {r[f'flop_ratio_{k}_a']:.3f}× (paper: {paper})")
     if device.type == "cuda":
         peak = peak_tflops(device, args.peak_tflops)
         for k, f in (("a", flops_a), ("b", flops_b)):

@@ -10,8 +10,10 @@ cosmae.py (training) and eval_mlknn.py (evaluation) read their data through this
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,23 +93,84 @@ def synth_image(rng: np.random.Generator, size: int, ground, tint, scale: float,
     return np.clip(img, 0, 255).astype(np.uint8), present.astype(np.uint8)
 
 
-def synth_tiles(name: str, n: int, size: int, seed: int, jitter: float = 0.5, noise: float = 6.0) -> tuple:
-    """n tiles of one synthetic domain ('synth_eval' mixes all domains, each element with P = 0.5).
-    → (uint8 [n, 3, size, size], uint8 [n, 5])."""
-    names = list(SYNTH_DOMAINS)
-    rng = np.random.default_rng([seed, 1 + names.index(name) if name in names else 99])
-    imgs, labels = np.empty((n, 3, size, size), np.uint8), np.empty((n, 5), np.uint8)
+SENSOR_NOISE = 140.0  # std of the sensors' noise, in grey levels (README, "Synthetic data")
+SYNTH_TASKS = {  # the synthetic default: every region, seen by four sensors in turn → the band that holds the scene
+    "synth_pan": None,  # panchromatic: the scene's brightness in all three bands, colour noise across them
+    "synth_red": 0,  # the scene in band 1 (red), noise in bands 2 and 3
+    "synth_green": 1,  # the scene in band 2 (green), noise in bands 1 and 3
+    "synth_blue": 2,  # the scene in band 3 (blue), noise in bands 1 and 2
+}
+
+
+def sense(brightness: np.ndarray, band, rng: np.random.Generator, noise: float = SENSOR_NOISE) -> np.ndarray:
+    """What a sensor records of scenes of brightness [n, S, S] (float, 0-255) → uint8 [n, 3, S, S]. A one-band
+    sensor (band 0, 1 or 2) puts the brightness into its band and white noise of std `noise` around grey into the
+    two others; the panchromatic one (band None) puts it into all three and adds noise of the same std to each,
+    whose mean over the bands is zero (the brightness is untouched, the colour is noise)."""
+    e = rng.normal(0, noise, (len(brightness), 3, *brightness.shape[1:])).astype(np.float32)
+    if band is None:
+        out = brightness[:, None] + (e - e.mean(1, keepdims=True)) * np.sqrt(1.5)
+    else:
+        out = 128 + e
+        out[:, band] = brightness
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def synth_scenes(n: int, size: int, seed: int, p=(0.5,) * 5) -> tuple:
+    """n RS-like scenes, regions city, farm, forest, coast in turn (each element with probability p) →
+    (brightness float32 [n, S, S], labels uint8 [n, 5])."""
+    rng, names = np.random.default_rng([seed, 17]), list(SYNTH_DOMAINS)
+    imgs, labels = np.empty((n, size, size), np.float32), np.empty((n, 5), np.uint8)
     for i in range(n):
-        dom = SYNTH_DOMAINS[name] if name in names else dict(SYNTH_DOMAINS[names[i % 4]], p=(0.5,) * 5)
-        img, labels[i] = synth_image(rng, size, **dom, jitter=jitter, noise=noise)
-        imgs[i] = img.transpose(2, 0, 1)
+        img, labels[i] = synth_image(rng, size, **dict(SYNTH_DOMAINS[names[i % 4]], p=p))
+        imgs[i] = img.astype(np.float32).mean(-1)
     return imgs, labels
 
 
-def synthetic_eval_set(size: int) -> dict:
-    """The synthetic multi-label set (labels = which land-cover elements are drawn), UCMerced-sized splits."""
-    x, y = synth_tiles("synth_eval", 1800, size, DATA_SEED + 12345)
-    return {"train": (x[:1000], y[:1000]), "test": (x[1000:], y[1000:]), "labels": list(SYNTH_LABELS)}
+def synth_task(name: str, n: int, size: int, seed: int) -> tuple:
+    """n tiles of synthetic task `name`: scenes seen by its sensor → (uint8 [n, 3, S, S], uint8 [n, 5] labels)."""
+    k = list(SYNTH_TASKS).index(name)
+    brightness, labels = synth_scenes(n, size, seed * 10 + k)
+    return sense(brightness, SYNTH_TASKS[name], np.random.default_rng([seed, k, 77])), labels
+
+
+SYNTH_EVAL = dict(own=1000, train=1000, test=800)  # images: per task and split of its own set; the multi-label set
+
+
+def synth_task_eval(name: str, size: int) -> dict:
+    """A task's own labelled evaluation set, never trained on (its 'test' tiles are also the held-out tiles of
+    Eq. (1)): {'train', 'test'}: (uint8 tiles, labels of the five elements), SYNTH_EVAL['own'] images each."""
+    n = SYNTH_EVAL["own"]
+    x, y = synth_task(name, 2 * n, size, DATA_SEED + 1000)
+    return {"train": (x[:n], y[:n]), "test": (x[n:], y[n:])}
+
+
+def synthetic_eval_set(size: int, tasks=None) -> dict:
+    """The synthetic multi-label set (labels = which land-cover elements are drawn), UCMerced-sized splits
+    (SYNTH_EVAL): the tiles of the given tasks in turn (default: all four)."""
+    n_train, n_test = SYNTH_EVAL["train"], SYNTH_EVAL["test"]
+    tasks, n = list(tasks or SYNTH_TASKS), n_train + n_test
+    parts = [synth_task(name, -(-n // len(tasks)), size, DATA_SEED + 2000) for name in tasks]
+    x = np.stack([p[0] for p in parts], 1).reshape(-1, 3, size, size)[:n]  # [n, 3, S, S]: the tasks in turn
+    y = np.stack([p[1] for p in parts], 1).reshape(-1, len(SYNTH_LABELS))[:n]
+    return {"train": (x[:n_train], y[:n_train]), "test": (x[n_train:], y[n_train:]), "labels": list(SYNTH_LABELS)}
+
+
+REC_TILES = 512  # held-out tiles per task for the reconstruction matrix R
+
+
+def evaluation_sets(tasks: list, size: int, ucmerced="", data_root="data", cache_dir="", treesat_resize=False) -> dict:
+    """What each evaluation point uses: the multi-label set 'main' (UCMerced, or the synthetic one), each task's
+    own labelled set 'own' (synthetic tasks only: the accuracy matrix A) and each task's held-out tiles
+    'held_out' (Eq. (1) → the reconstruction matrix R, and the pictures): the first REC_TILES test tiles of a
+    synthetic task's own set, or a fixed random REC_TILES of a real task's val split."""
+    synth = [t for t in tasks if t in SYNTH_TASKS]
+    main = ucmerced_splits(ucmerced, cache_dir) if ucmerced else synthetic_eval_set(size, synth or None)
+    own = [synth_task_eval(t, size) if t in SYNTH_TASKS else None for t in tasks]
+    held_out = [o["test"][0][:REC_TILES] if o else subset(task_tiles(t, data_root, "val", cache_dir,
+                                                                     treesat_resize=treesat_resize), REC_TILES)
+                for t, o in zip(tasks, own)]
+    return dict(main=main, own=own if all(own) else None, held_out=held_out)
 
 
 # --- real remote-sensing datasets: official layouts → one cached uint8 array per split --------------------
@@ -207,48 +270,121 @@ def split_files(name: str, folder: Path, seed: int) -> dict:
     return dict(train=train, val=val, read=read, files=files)
 
 
-def patch_grid(name: str, h: int, w: int) -> list:
-    """Top-left corners of the non-overlapping 256×256 patches of an H×W image (TreeSatAI: the centre one)."""
+def patch_grid(name: str, h: int, w: int, resized: bool = False) -> list:
+    """Top-left corners of the non-overlapping 256×256 patches of an H×W image (TreeSatAI: the centre one, or
+    the whole image once resized to 256×256)."""
+    if resized:
+        return [(0, 0)]
     if name == "treesat":
         return [((h - PATCH) // 2, (w - PATCH) // 2)] if min(h, w) >= PATCH else []
     return [(r, c) for r in range(0, h - PATCH + 1, PATCH) for c in range(0, w - PATCH + 1, PATCH)]
 
 
-def task_tiles(name: str, data_root, split: str, cache_dir, seed: int = 0, log=None) -> np.ndarray:
-    """uint8 [N, 3, 256, 256] patches of one task split ('train' or 'val'), memory-mapped from the tile cache."""
+def task_tiles(name: str, data_root, split: str, cache_dir="", seed: int = DATA_SEED, log=None,
+               treesat_resize: bool = False) -> np.ndarray:
+    """uint8 [N, 3, 256, 256] patches of one task split ('train' or 'val'), memory-mapped from the tile cache.
+    treesat_resize: TreeSatAI's 304×304 images resized to 256×256 instead of their centre 256×256 kept."""
     log = log or (lambda msg: print(msg, flush=True))
     if name not in DATASETS:
         raise DataError(f"unknown task {name!r}; known: {list(DATASETS)}")
     folder = find_dataset(name, data_root)
     s = split_files(name, folder, seed)
     files, want = s[split], PAPER_COUNTS[name][split == "val"]
+    resize = name == "treesat" and treesat_resize
 
     def select():  # the paper's count of patches, drawn at random from every patch of the split (headers only)
-        cells = [(i, r, c) for i, p in enumerate(files) for r, c in patch_grid(name, *image_size(p))]
+        cells = [(i, r, c) for i, p in enumerate(files) for r, c in patch_grid(name, *image_size(p), resize)]
         if len(cells) < want:
             log(f"{name} {split}: {len(cells)} patches found, the paper uses {want}: using {len(cells)}")
         pick = np.sort(np.random.default_rng([seed, 7]).permutation(len(cells))[:want])
         return [cells[i] for i in pick]
 
-    return cached_tiles(Path(cache_dir), f"{name}_{split}", folder, files, seed, select,
-                        lambda p: read_rgb(p, **s["read"]), log)
+    def read(p):
+        img = read_rgb(p, **s["read"])
+        return resize_rgb(img, PATCH) if resize else img
+
+    return cached_tiles(cache_dirs(Path(data_root), cache_dir), f"{name}_{split}" + ("_resized" * resize), folder,
+                        files, seed, select, read, log)
 
 
-def cached_tiles(cache_dir: Path, key: str, root: Path, files: list, seed: int, select, read, log):
-    """The cache: `key.npy` [N, 3, 256, 256] and `key.json` (source files with sizes and mtimes, seed). Reused
-    when the manifest matches the folder; otherwise rebuilt into a temporary file that is renamed when full."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    npy, man = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+def resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [3, H, W] → [3, size, size], bilinear."""
+    from PIL import Image
+    return np.asarray(Image.fromarray(img.transpose(1, 2, 0)).resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
+
+
+def subset(tiles, n: int, seed: int = DATA_SEED) -> np.ndarray:
+    """A fixed random subset of at most n tiles (in their stored order), read into memory."""
+    pick = np.sort(np.random.default_rng([seed, 11]).permutation(len(tiles))[:n])
+    return np.asarray(tiles[pick])
+
+
+# --- the tile cache: one uint8 .npy per split, memory-mapped --------------------------------------------------
+
+def user_cache() -> Path:
+    """The user's cache folder (XDG convention): $XDG_CACHE_HOME/cosmae, else ~/.cache/cosmae."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cosmae"
+
+
+def cache_dirs(data_folder: Path, cache_dir: str = "") -> list:
+    """Where a tile cache may be: --cache-dir alone when given; else DATA/.cosmae_cache (used while it is
+    writable or already holds the cache: a shared read-only dataset can ship one), then the user's cache
+    folder, one sub-folder per dataset folder."""
+    if cache_dir:
+        return [Path(cache_dir)]
+    key = hashlib.sha1(str(Path(data_folder).resolve()).encode()).hexdigest()[:12]
+    return [Path(data_folder) / ".cosmae_cache", user_cache() / f"{Path(data_folder).resolve().name}-{key}"]
+
+
+def writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def cached_tiles(dirs: list, key: str, root: Path, files: list, seed: int, select, read, log):
+    """The cache: `key.npy` [N, 3, 256, 256] and `key.json` (source files with sizes and mtimes, seed). A cache
+    whose manifest matches the folder is used (read-only, memory-mapped) wherever it is among `dirs`; otherwise
+    it is built in the first writable one, into a temporary file that is renamed when full (a failed build
+    leaves nothing behind)."""
     manifest = dict(version=1, seed=seed, files=[[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns]
                                                  for p in files])
-    if npy.exists() and man.exists() and json.loads(man.read_text()) == manifest:
-        return np.load(npy, mmap_mode="r")
+    for d in dirs:
+        npy, man = d / f"{key}.npy", d / f"{key}.json"
+        try:
+            if npy.exists() and man.exists() and json.loads(man.read_text()) == manifest:
+                log(f"{key}: tile cache {npy}")
+                return np.load(npy, mmap_mode="r")
+        except (OSError, ValueError):
+            pass  # unreadable or half-written: rebuilt below
+    d = next((d for d in dirs if writable(d)), None)
+    if d is None:
+        raise DataError(f"{key}: no writable place for the tile cache ({', '.join(map(str, dirs))}); name one "
+                        "with --cache-dir")
+    npy, man = d / f"{key}.npy", d / f"{key}.json"
     man.unlink(missing_ok=True)
     cells = select()
     if not cells:
         raise DataError(f"{key}: no 256×256 patch in the {len(files)} images under {root}")
-    tmp = cache_dir / f"{key}.tmp.npy"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(cells), 3, PATCH, PATCH))
+    log(f"{key}: building the tile cache {npy} ({len(cells)} patches, {len(cells) * 3 * PATCH * PATCH / 1e9:.2f} GB)")
+    tmp = d / f"{key}.tmp.npy"
+    try:
+        fill_cache(tmp, cells, files, read, key, log)
+        os.replace(tmp, npy)
+        man.with_suffix(".json.tmp").write_text(json.dumps(manifest))
+        os.replace(man.with_suffix(".json.tmp"), man)
+    finally:
+        tmp.unlink(missing_ok=True)
+        man.with_suffix(".json.tmp").unlink(missing_ok=True)
+    return np.load(npy, mmap_mode="r")
+
+
+def fill_cache(path: Path, cells: list, files: list, read, key: str, log):
+    """Write the patches `cells` [(file index, row, col)] into a new .npy at `path`, one image read at a time."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(cells), 3, PATCH, PATCH))
     t0, by_file = time.time(), {}
     for n, (i, r, c) in enumerate(cells):
         by_file.setdefault(i, []).append((n, r, c))
@@ -262,15 +398,11 @@ def cached_tiles(cache_dir: Path, key: str, root: Path, files: list, seed: int, 
                 f"ETA {(len(by_file) - done) / rate:.0f} s")
     out.flush()
     del out
-    os.replace(tmp, npy)
-    man.with_suffix(".json.tmp").write_text(json.dumps(manifest))
-    os.replace(man.with_suffix(".json.tmp"), man)
-    return np.load(npy, mmap_mode="r")
 
 
 # --- UCMerced multi-label (the evaluation set of the paper) --------------------------------------------
 
-def ucmerced_splits(folder, cache_dir, seed: int = 0, log=None) -> dict:
+def ucmerced_splits(folder, cache_dir="", seed: int = DATA_SEED, log=None) -> dict:
     """UCMerced multi-label (Chaudhuri et al. 2018 labels): `Images/<class>/<class>NN.tif` and
     `LandUse_Multilabeled.txt` (tab-separated, header `IMAGE\\LABEL` + 17 names, one 0/1 row per image).
     → {'train', 'val', 'test': (uint8 [n, 3, 256, 256], uint8 [n, 17]), 'labels': names}; 1000/300/800 images
@@ -281,24 +413,45 @@ def ucmerced_splits(folder, cache_dir, seed: int = 0, log=None) -> dict:
     if not (folder / "Images").is_dir() or not found:
         raise DataError(f"{folder}: expected Images/<class>/<class>NN.tif and LandUse_Multilabeled.txt "
                         "(UC Merced Land Use images from UC Merced, multi-labels of Chaudhuri et al. 2018)")
-    lines = [ln.split("\t") for ln in found[0].read_text().splitlines() if ln.strip()]
-    names, rows = [n.strip() for n in lines[0][1:]], lines[1:]
-    files = [folder / "Images" / r[0].strip().rstrip("0123456789") / f"{r[0].strip()}.tif" for r in rows]
+    names, rows, y = read_label_file(found[0])
+    files = [folder / "Images" / r.rstrip("0123456789") / f"{r}.tif" for r in rows]
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
         raise DataError(f"{len(missing)} images listed in {found[0]} are missing, e.g. {missing[0]}")
-    y = np.array([[int(v) for v in r[1:]] for r in rows], np.uint8)
 
     def read(path):
         img = read_rgb(path)
-        if img.shape[1:] != (PATCH, PATCH):  # the cache holds PATCH × PATCH tiles
-            from PIL import Image
-            img = np.asarray(Image.fromarray(img.transpose(1, 2, 0)).resize((PATCH, PATCH), Image.BILINEAR)).transpose(2, 0, 1)
-        return img
+        return resize_rgb(img, PATCH) if img.shape[1:] != (PATCH, PATCH) else img  # the cache holds 256×256
 
-    x = cached_tiles(Path(cache_dir), "ucmerced", folder, files, 0,
+    x = cached_tiles(cache_dirs(folder, cache_dir), "ucmerced", folder, files, 0,
                      lambda: [(i, 0, 0) for i in range(len(files))], read, log)
     order = np.random.default_rng([seed, 2100]).permutation(len(files))
     n_train, n_val = round(len(files) * 1000 / 2100), round(len(files) * 300 / 2100)
     parts = dict(train=order[:n_train], val=order[n_train:n_train + n_val], test=order[n_train + n_val:])
     return {**{k: (np.asarray(x[np.sort(v)]), y[np.sort(v)]) for k, v in parts.items()}, "labels": names}
+
+
+def read_label_file(path: Path) -> tuple:
+    """LandUse_Multilabeled.txt → (label names, image names, uint8 [n, Q]); every row checked: one image name
+    and Q values, each 0 or 1, else an error naming the line."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    head = lines[0].split("\t") if lines else []
+    names = [n.strip() for n in head[1:]]
+    if not names:
+        raise DataError(f"{path} line 1: expected a header 'IMAGE\\LABEL<TAB>name<TAB>...', got {lines[:1]}")
+    rows, y = [], []
+    for i, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        cells = [c.strip() for c in line.split("\t")]
+        if len(cells) != len(names) + 1 or any(c not in ("0", "1") for c in cells[1:]):
+            raise DataError(f"{path} line {i}: expected an image name and {len(names)} values 0 or 1 (tab-separated), "
+                            f"got {len(cells) - 1} values: {line.strip()[:120]!r}")
+        rows.append(cells[0])
+        y.append([int(c) for c in cells[1:]])
+    if not rows:
+        raise DataError(f"{path}: no image rows after the header")
+    return names, rows, np.array(y, np.uint8)

@@ -5,6 +5,9 @@ Run: python -m pytest -q      (CPU, tiny configs)
 import json
 import math
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +15,33 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import baselines
 import cosmae
+import eval_mlknn
 import rs_data
 from cosmae import MAE, MODELS, Config, ReplayBuffer, mim_loss, mix_batch
 
+ROOT = Path(__file__).resolve().parent
+
 
 def tiny_cfg(tmp_path, **kw) -> Config:
-    base = dict(tasks=["synth_city", "synth_farm"], model="vit_test", epochs=1, batch_size=8, synth_train=32,
+    base = dict(tasks=["synth_red", "synth_green"], model="vit_test", epochs=1, batch_size=8, synth_train=32,
                 memory_size=20, eval=False, log_every=2, out=str(tmp_path / "run"), device="cpu", warmup_epochs=0.5)
     base.update(kw)
-    return cosmae.resolve(Config(**base))
+    cls = baselines.BaselineConfig if base.get("method") in baselines.BASELINES else Config
+    return (baselines.resolve if cls is not Config else cosmae.resolve)(cls(**base))
+
+
+def tiny_train(cfg):
+    """cosmae.train with the baseline object of cfg.method (None for cosmae, finetune, lump)."""
+    return cosmae.train(cfg, baselines.make(cfg) if isinstance(cfg, baselines.BaselineConfig) else None)
+
+
+@pytest.fixture
+def small_eval(monkeypatch):
+    """Small synthetic evaluation sets, so that runs with evaluation stay quick."""
+    monkeypatch.setattr(rs_data, "SYNTH_EVAL", dict(own=60, train=60, test=40))
+    monkeypatch.setattr(rs_data, "REC_TILES", 24)
 
 
 def tiny_model(**kw) -> MAE:
@@ -115,6 +135,18 @@ def mim_paper_loop(z, t, tau):
     return total / (2 * n)
 
 
+def mim_infonce_loop(z, t, tau):
+    """The same symmetric cross-view loss with the positive kept in each denominator (q over all N)."""
+    n, total = len(z), 0.0
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))
+    for i in range(n):
+        num = math.exp(cos(z[i], t[i]) / tau)
+        den1 = sum(math.exp(cos(z[i], t[q]) / tau) for q in range(n))
+        den2 = sum(math.exp(cos(t[i], z[q]) / tau) for q in range(n))
+        total += -math.log(num / den1) - math.log(num / den2)
+    return total / (2 * n)
+
+
 def mim_simclr_loop(z, t, tau):
     """NT-Xent over 2N embeddings, each anchor's positive is its partner, self excluded."""
     e = torch.cat([z, t])
@@ -128,18 +160,20 @@ def mim_simclr_loop(z, t, tau):
 
 
 @pytest.mark.parametrize("tau", [0.5, 0.1])
-def test_mim_loss_eq4_both_forms_match_double_loop(tau):
+def test_mim_loss_eq4_three_forms_match_double_loop(tau):
     g = torch.Generator().manual_seed(1)
     z, t = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
-    assert math.isclose(mim_loss(z, t, tau, "paper").item(), mim_paper_loop(z, t, tau), rel_tol=1e-5)
-    assert math.isclose(mim_loss(z, t, tau, "simclr").item(), mim_simclr_loop(z, t, tau), rel_tol=1e-5)
+    for form, loop in (("paper", mim_paper_loop), ("infonce", mim_infonce_loop), ("simclr", mim_simclr_loop)):
+        assert math.isclose(mim_loss(z, t, tau, form).item(), loop(z, t, tau), rel_tol=1e-5), form
 
 
 def test_mim_loss_hand_checkable_orthogonal_case():
     """g(c) = c̃ = the two unit vectors e1, e2, τ = 0.5: S_ii = 1, S_iq = 0.
-    paper: each term −log(e^2 / e^0) = −2 → −2.   simclr: −log(e^2 / (e^0 + e^2 + e^0)) = log(2 + e²) − 2."""
+    paper: each term −log(e^2 / e^0) = −2 → −2.   infonce: −log(e^2 / (e^2 + e^0)) = log(1 + e^−2).
+    simclr: −log(e^2 / (e^0 + e^2 + e^0)) = log(2 + e²) − 2 (the same-side pair e1·e1' is a negative too)."""
     e = torch.eye(2)
     assert math.isclose(mim_loss(e, e, 0.5, "paper").item(), -2.0, rel_tol=1e-6)
+    assert math.isclose(mim_loss(e, e, 0.5, "infonce").item(), math.log(1 + math.e ** -2), rel_tol=1e-6)
     assert math.isclose(mim_loss(e, e, 0.5, "simclr").item(), math.log(2 + math.e ** 2) - 2, rel_tol=1e-6)
 
 
@@ -208,10 +242,8 @@ def test_buffer_prefix_is_uniform_sample_of_the_task():
     assert 35 < np.mean(firsts) < 65  # a sorted prefix would be biased to low indices (mean ≈ 20)
 
 
-def test_synthetic_tiles_labels_are_what_is_drawn_and_colour_is_jittered():
+def test_synthetic_labels_are_what_is_drawn_and_colour_is_jittered():
     dom = dict(rs_data.SYNTH_DOMAINS["synth_city"])
-    a, b = rs_data.synth_tiles("synth_city", 6, 40, 3), rs_data.synth_tiles("synth_city", 6, 40, 3)
-    assert a[0].shape == (6, 3, 40, 40) and a[0].dtype == np.uint8 and np.array_equal(a[0], b[0])
     rng = np.random.default_rng(0)
     none = [rs_data.synth_image(rng, 40, **dict(dom, p=(0,) * 5)) for _ in range(4)]
     assert all(y.sum() == 0 for _, y in none)  # nothing drawn: only the ground, with a low-frequency shading
@@ -220,6 +252,38 @@ def test_synthetic_tiles_labels_are_what_is_drawn_and_colour_is_jittered():
     spread = {j: np.std([rs_data.synth_image(np.random.default_rng(i), 40, **only_water, jitter=j)[0].mean((0, 1))
                          for i in range(40)], axis=0).mean() for j in (0.0, 0.5)}
     assert spread[0.5] > 4 * spread[0.0]  # the default jitter makes an element's colour vary from image to image
+
+
+def test_each_sensor_records_the_scene_in_its_own_band_and_noise_elsewhere():
+    """One-band sensors: the scene's brightness in their band, noise around grey in the two others; the
+    panchromatic one: the brightness in every band plus noise whose mean over the bands is zero."""
+    b = np.full((200, 16, 16), 100.0, np.float32)
+    b[:, :8] = 160.0  # a bright half
+    for k in range(3):
+        x = rs_data.sense(b, k, np.random.default_rng(0), noise=60.0).astype(np.float32)
+        assert np.array_equal(x[:, k], b)
+        others = x[:, [c for c in range(3) if c != k]]
+        assert abs(others.mean() - 128) < 2 and 55 < others.std() < 61  # white noise (std 60, barely clipped)
+        assert abs(others[:, :, :8].mean() - others[:, :, 8:].mean()) < 2  # the scene is not in them
+    pan = rs_data.sense(b, None, np.random.default_rng(0), noise=20.0).astype(np.float32)
+    assert np.allclose(pan.mean(1), b, atol=1.0) and pan.std(1).mean() > 15  # colour noise across the bands
+    x, y = rs_data.synth_task("synth_green", 6, 40, 3)
+    assert x.shape == (6, 3, 40, 40) and x.dtype == np.uint8 and y.shape == (6, 5)
+    assert np.array_equal(x, rs_data.synth_task("synth_green", 6, 40, 3)[0])  # deterministic
+
+
+def test_task_eval_labels_are_the_elements_in_the_images(small_eval):
+    """A task's own evaluation labels are the elements drawn in its own images (its own sensor): the labels
+    come with the scenes, and the images are those scenes seen by the task's sensor."""
+    size = 24
+    own = rs_data.synth_task_eval("synth_blue", size)
+    (x, y), (xt, yt) = own["train"], own["test"]
+    assert len(x) == len(xt) == 60 and not np.array_equal(x, xt)
+    scenes, labels = rs_data.synth_scenes(120, size, (rs_data.DATA_SEED + 1000) * 10 + 3)  # task 4: blue band
+    assert np.array_equal(np.concatenate([y, yt]), labels)
+    assert np.array_equal(np.concatenate([x, xt])[:, 2], np.clip(scenes, 0, 255).astype(np.uint8))
+    main = rs_data.synthetic_eval_set(size, ["synth_pan", "synth_red"])
+    assert len(main["train"][0]) == 60 and len(main["test"][0]) == 40 and main["labels"] == list(rs_data.SYNTH_LABELS)
 
 
 def test_augment_crop_flip_and_plain_resize():
@@ -267,12 +331,16 @@ def encoder_of(path):
     return torch.load(path, weights_only=True)["encoder"]
 
 
+def records(run):
+    return [json.loads(line) for line in open(Path(run) / "metrics.jsonl")]
+
+
 def test_train_two_tiny_tasks_writes_checkpoints_and_finite_losses(tmp_path):
     cfg = tiny_cfg(tmp_path)
     result = cosmae.train(cfg)
     names = [p.name for p in result["checkpoints"]]
-    assert names == ["task1_synth_city.pt", "task2_synth_farm.pt"]
-    recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert names == ["task1_synth_red.pt", "task2_synth_green.pt"]
+    recs = records(tmp_path / "run")
     assert {"loss/rec", "loss/mim", "loss/total", "lam1", "lam2", "img/s", "lr"} <= set(recs[0])
     assert all(math.isfinite(r["loss/total"]) for r in recs)
     t1, t2 = [r for r in recs if r["task"] == 1], [r for r in recs if r["task"] == 2]
@@ -290,9 +358,9 @@ def test_no_mixing_on_first_task(tmp_path, monkeypatch):
     calls = []
     real = cosmae.mix_batch
     monkeypatch.setattr(cosmae, "mix_batch", lambda *a: calls.append(1) or real(*a))
-    cosmae.train(tiny_cfg(tmp_path, tasks=["synth_city"]))
+    cosmae.train(tiny_cfg(tmp_path, tasks=["synth_red"]))
     assert calls == []
-    cosmae.train(tiny_cfg(tmp_path, tasks=["synth_city", "synth_farm"], out=str(tmp_path / "two")))
+    cosmae.train(tiny_cfg(tmp_path, out=str(tmp_path / "two")))
     assert len(calls) == 4  # every step of task 2: 32 images / batch 8
 
 
@@ -305,8 +373,8 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
     assert not all(torch.equal(ea[k], ec[k]) for k in ea)
 
 
-def test_resume_after_interrupted_run_equals_uninterrupted(tmp_path, monkeypatch):
-    full = cosmae.train(tiny_cfg(tmp_path, out=str(tmp_path / "full"), epochs=2, save_every=1))["checkpoints"]
+def test_resume_after_interrupted_run_equals_uninterrupted_and_logs_each_step_once(tmp_path, monkeypatch):
+    full = cosmae.train(tiny_cfg(tmp_path, out=str(tmp_path / "full"), epochs=2, save_every=1, log_every=1))
     real_step = torch.optim.AdamW.step
     count = {"n": 0}
 
@@ -317,23 +385,30 @@ def test_resume_after_interrupted_run_equals_uninterrupted(tmp_path, monkeypatch
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", crash_in_task2_epoch2)
-    cfg = tiny_cfg(tmp_path, out=str(tmp_path / "cut"), epochs=2, save_every=1)
-    with pytest.raises(KeyboardInterrupt):
+    cfg = tiny_cfg(tmp_path, out=str(tmp_path / "cut/"), epochs=2, save_every=1, log_every=1)  # the same folder
+    with pytest.raises(KeyboardInterrupt) as e:
         cosmae.train(cfg)
+    assert e.value.args == ("in task 2 (synth_green), epoch 2, step 6",)
     run = tmp_path / "cut"
-    assert (run / "task1_synth_city.pt").exists() and not (run / "task2_synth_farm.pt").exists()
+    assert (run / "task1_synth_red.pt").exists() and not (run / "task2_synth_green.pt").exists()
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    assert len(records(run)) == 8 + 4 + 2  # logged before the crash, the last two steps to be replayed
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    resumed = cosmae.train(cfg)["checkpoints"]
-    e_full, e_cut = encoder_of(full[-1]), encoder_of(resumed[-1])
+    resumed = cosmae.train(tiny_cfg(tmp_path, out=str(tmp_path / "cut"), epochs=2, save_every=1, log_every=1))
+    e_full, e_cut = encoder_of(full["checkpoints"][-1]), encoder_of(resumed["checkpoints"][-1])
     assert all(torch.equal(e_full[k], e_cut[k]) for k in e_full)
     assert not (run / "last.pt").exists()
+    steps = [(r["task"], r["step"]) for r in records(run)]
+    assert steps == [(r["task"], r["step"]) for r in records(tmp_path / "full")]  # each step once, in order
 
 
-def test_resume_refuses_another_configuration(tmp_path):
-    cosmae.train(tiny_cfg(tmp_path, tasks=["synth_city"]))
-    with pytest.raises(cosmae.DataError, match="another configuration"):
-        cosmae.train(tiny_cfg(tmp_path, tasks=["synth_city"], beta=0.5))
+def test_resume_refuses_another_training_configuration_not_another_path_spelling(tmp_path):
+    cosmae.train(tiny_cfg(tmp_path, tasks=["synth_red"]))
+    with pytest.raises(cosmae.DataError, match="other settings.*beta"):
+        cosmae.train(tiny_cfg(tmp_path, tasks=["synth_red"], beta=0.5))
+    again = tiny_cfg(tmp_path, tasks=["synth_red"], out=str(tmp_path / "run") + "/", log_every=5, data_root="x")
+    assert again.out == str(tmp_path / "run")
+    cosmae.train(again)  # finished: nothing to do, but accepted
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
@@ -341,6 +416,13 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(cosmae.DataError, match="corrupt"):
         cosmae.load_checkpoint(bad)
+
+
+@pytest.mark.parametrize("cli", [cosmae.main, baselines.main, eval_mlknn.main])
+def test_help_of_every_cli(cli, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["--help"])
+    assert e.value.code == 0 and "--" in capsys.readouterr().out
 
 
 def test_unknown_task_name_exits_2_with_message(capsys):
@@ -351,12 +433,74 @@ def test_unknown_task_name_exits_2_with_message(capsys):
     assert "unknown task" in err and "mars" in err and "Traceback" not in err
 
 
-# --- Table II baselines (--method) -------------------------------------------------------------------------
+def test_seeds_flag_runs_one_folder_per_seed(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(cosmae, "train", lambda cfg, baseline: seen.append((cfg.seed, cfg.out, baseline)))
+    cosmae.main(["--tasks", "synth_red", "--seeds", "0", "2", "--out", str(tmp_path / "r")])
+    assert seen == [(0, f"{tmp_path}/r/seed0", None), (2, f"{tmp_path}/r/seed2", None)]
 
-@pytest.mark.parametrize("method", cosmae.METHODS)
+
+# --- evaluation after every task: both mAP kinds, accuracy matrix A, reconstruction matrix R, pictures -------
+
+def test_forgetting_and_bwt_of_a_hand_checkable_matrix():
+    """Rows: init, after T1, T2, T3; columns: tasks 1-3.
+    final avg = (60 + 50 + 90) / 3 = 66.67.
+    forgetting: task 1: max(A[1][1], A[2][1]) − A[3][1] = max(70, 80) − 60 = 20; task 2: A[2][2] − A[3][2] = 60 − 50
+    = 10 → 15.   BWT: task 1: A[3][1] − A[1][1] = 60 − 70 = −10; task 2: 50 − 60 = −10 → −10."""
+    a = [[10, 10, 10], [70, 20, 20], [80, 60, 30], [60, 50, 90]]
+    r = eval_mlknn.forgetting_bwt(a)
+    assert math.isclose(r["final_avg_map"], 200 / 3) and r["avg_forgetting"] == 15 and r["bwt"] == -10
+    assert eval_mlknn.forgetting_bwt([[1.0], [2.0]]) == dict(final_avg_map=2.0, avg_forgetting=None, bwt=None)
+    up = eval_mlknn.forgetting_bwt([[0, 0], [50, 0], [60, 70]])  # task 1 improved later: forgetting < 0, BWT > 0
+    assert up["avg_forgetting"] == -10 and up["bwt"] == 10
+
+
+def test_run_evaluates_every_task_both_map_kinds_matrices_and_pictures(tmp_path, small_eval):
+    cfg = tiny_cfg(tmp_path, eval=True, tasks=["synth_red", "synth_green", "synth_blue"])
+    rows = cosmae.train(cfg)["eval"]
+    assert [r["task"] for r in rows] == [0, 1, 2, 3]
+    for r in rows:
+        assert {"micro", "macro", "micro_binary", "macro_binary"} <= set(r)
+        assert len(r["per_task"]) == 3 and len(r["rec_loss"]) == 3  # A[t][·], R[t][·]: one column per task
+        assert all(0 <= v <= 100 for v in r["per_task"]) and all(v > 0 for v in r["rec_loss"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    want = eval_mlknn.forgetting_bwt([r["per_task"] for r in rows])
+    assert all(math.isclose(summary[k], want[k]) for k in ("final_avg_map", "avg_forgetting", "bwt"))
+    from PIL import Image
+    for t in range(4):
+        w, h = Image.open(tmp_path / "run" / f"reconstructions_T{t}.png").size
+        assert h == 3 * 32 * 8 and w == 6 * 32 * 8  # a row per task, 2 × (original, masked, reconstruction)
+    again = cosmae.train(tiny_cfg(tmp_path, eval=True, tasks=["synth_red", "synth_green", "synth_blue"],
+                                  out=str(tmp_path / "again")))["eval"]
+    assert [r["rec_loss"] for r in again] == [r["rec_loss"] for r in rows]  # R is reproducible under a seed
+
+
+def test_reconstruction_loss_uses_fixed_masks(small_eval):
+    cfg = cosmae.resolve(Config(model="vit_test", device="cpu"))
+    model, tiles = cosmae.build_model(cfg), rs_data.synth_task("synth_red", 10, 37, 0)[0]
+    torch.manual_seed(1)
+    a = cosmae.reconstruct(model, tiles, cfg)
+    torch.manual_seed(2)  # whatever the global RNG: the same masks
+    b = cosmae.reconstruct(model, tiles, cfg)
+    assert a[0] == b[0] and np.array_equal(a[1], b[1]) and a[1].shape == (32, 6 * 32, 3)
+    assert cosmae.reconstruct(model, tiles, cfg, seed=5)[0] != a[0]
+
+
+def test_a_rerun_with_eval_fills_the_missing_rows(tmp_path, small_eval):
+    cosmae.train(tiny_cfg(tmp_path))  # trained without evaluation
+    rows = cosmae.train(tiny_cfg(tmp_path, eval=True))["eval"]  # the same run, rerun with --eval
+    assert [r["task"] for r in rows] == [0, 1, 2]
+    fresh = cosmae.train(tiny_cfg(tmp_path, eval=True, out=str(tmp_path / "fresh")))["eval"]
+    for a, b in zip(rows, fresh):
+        assert math.isclose(a["micro"], b["micro"]) and a["rec_loss"] == pytest.approx(b["rec_loss"])
+
+
+# --- Table II baselines: cosmae.py's switches and baselines.py ----------------------------------------------
+
+@pytest.mark.parametrize("method", ["cosmae", "finetune", "lump", "er", "ewc", "der", "pfr"])
 def test_each_method_runs_two_tiny_tasks_with_finite_losses(tmp_path, method):
-    res = cosmae.train(tiny_cfg(tmp_path, method=method, out=str(tmp_path / method)))
-    recs = [json.loads(line) for line in open(tmp_path / method / "metrics.jsonl")]
+    res = tiny_train(tiny_cfg(tmp_path, method=method, out=str(tmp_path / method)))
+    recs = records(tmp_path / method)
     assert len(res["checkpoints"]) == 2 and all(math.isfinite(r["loss/total"]) for r in recs)
     t2 = [r for r in recs if r["task"] == 2]
     if method in ("finetune", "er", "lump"):
@@ -368,51 +512,71 @@ def test_each_method_runs_two_tiny_tasks_with_finite_losses(tmp_path, method):
     assert all(r["lam1"] == 1 for r in t2) == (method not in ("cosmae", "lump"))
 
 
+def test_baselines_cli_runs_a_row_and_cosmae_has_no_baseline_code(tmp_path, capsys):
+    baselines.main(["--method", "er", "--tasks", "synth_red", "synth_green", "--model", "vit_test", "--epochs", "1",
+                    "--batch-size", "8", "--synth-train", "32", "--memory-size", "20", "--no-eval", "--device", "cpu",
+                    "--out", str(tmp_path / "er")])
+    assert json.loads((tmp_path / "er" / "config.json").read_text())["replay_batch"] == 1  # ⌈8/32⌉
+    import ast
+    tree = ast.parse(Path(cosmae.__file__).read_text())
+    names = {getattr(n, k) for n in ast.walk(tree) for k in ("id", "attr", "name", "arg")
+             if isinstance(getattr(n, k, None), str)}
+    assert not [n for n in names if re.search(r"ewc|pfr|^der($|_)|replay_batch|fisher", n.lower())]  # no baseline in the method
+    code = "import sys, cosmae; assert 'baselines' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
 def test_method_switches_match_table_one_and_two():
     cfg = lambda **kw: cosmae.resolve(Config(model="vit_test", **kw))
     assert (cfg(method="finetune").data_mixup, cfg(method="finetune").model_mixup) == (False, False)
     assert (cfg(method="lump").data_mixup, cfg(method="lump").model_mixup) == (True, False)
-    pfr = cfg(method="pfr")
-    assert pfr.model_mixup and (pfr.lam2, pfr.lam2_value) == ("constant", 0.0) and not pfr.data_mixup
     ablation = cfg(data_mixup=False)  # Table I row "model-mixup KD only"
     assert not ablation.data_mixup and ablation.model_mixup
+    for m in ("er", "ewc", "der", "pfr"):  # the other rows: their own terms, none of CoSMAE's
+        b = baselines.resolve(baselines.BaselineConfig(model="vit_test", method=m))
+        assert not b.data_mixup and not b.model_mixup
+    assert baselines.resolve(baselines.BaselineConfig(method="der", batch_size=128)).replay_batch == 13  # ⌈128/10⌉
 
 
-def test_ewc_penalty_zero_at_anchor_and_grows_with_distance():
+def test_ewc_penalty_zero_at_anchor_and_grows_with_distance(tmp_path):
     m = tiny_model()
-    ewc = cosmae.EWC()
-    ewc.update(m, np.random.default_rng(0).integers(0, 255, (16, 3, 36, 36), dtype=np.uint8),
-               Config(model="vit_test", batch_size=8, device="cpu", ewc_batches=2))
+    ewc = baselines.EWC(tiny_cfg(tmp_path, method="ewc", ewc_batches=2))
+    ewc.end_task(1, m, np.random.default_rng(0).integers(0, 255, (16, 3, 36, 36), dtype=np.uint8), None)
     assert all((f >= 0).all() for f in ewc.fisher.values()) and sum(f.sum() for f in ewc.fisher.values()) > 0
-    assert ewc.penalty(m).item() == 0
+    penalty = lambda: float(torch.as_tensor(ewc.term(m, None, None, None, None, None)).detach())
+    assert penalty() == 0
     direction = {n: torch.randn_like(p) for n, p in m.named_parameters()}
     values = []
     for scale in (0.01, 0.02, 0.04):
         with torch.no_grad():
             for n, p in m.named_parameters():
                 p.copy_(ewc.anchor[n] + scale * direction[n]) if n in ewc.anchor else None
-        values.append(ewc.penalty(m).item())
+        values.append(penalty())
     assert 0 < values[0] < values[1] < values[2]
     assert math.isclose(values[1] / values[0], 4, rel_tol=1e-3)  # quadratic
+    want = 100 / 2 * sum((ewc.fisher[n] * (p - ewc.anchor[n]) ** 2).sum() for n, p in m.named_parameters()
+                         if n in ewc.fisher)
+    assert math.isclose(values[-1], float(want), rel_tol=1e-5)  # λ/2 · Σ F (θ − θ*)²
 
 
 def test_er_batches_hold_buffer_images_only_from_task_two(tmp_path, monkeypatch):
     sizes = []
     real = cosmae.cosmae_loss
     monkeypatch.setattr(cosmae, "cosmae_loss", lambda m, p, t, x, *a: sizes.append(len(x)) or real(m, p, t, x, *a))
-    cosmae.train(tiny_cfg(tmp_path, method="er", replay_batch=3))
+    tiny_train(tiny_cfg(tmp_path, method="er", replay_batch=3))
     assert sizes == [8] * 4 + [11] * 4  # task 1: the batch alone; task 2: + 3 buffer images
 
 
 def test_der_stored_features_equal_encoder_features_at_storage_time(tmp_path):
     cfg = tiny_cfg(tmp_path, method="der")
-    res = cosmae.train(cfg)
+    res = tiny_train(cfg)
     ck1, ck2 = (torch.load(p, weights_only=True) for p in res["checkpoints"])
     model = cosmae.build_model(cfg)
     model.load_state_dict(ck1["model"])  # the encoder right after task 1, when task 1's images were stored
     feats = cosmae.extract_features(model, ck1["buffer"]["task1"], cfg)
-    assert np.allclose(ck1["buffer"]["feats1"].numpy(), feats, atol=1e-5)
-    assert torch.equal(ck2["buffer"]["feats1"], ck1["buffer"]["feats1"][:10])  # kept, not recomputed, after task 2
+    assert np.allclose(ck1["baseline"]["feats1"].numpy(), feats, atol=1e-5)
+    assert torch.equal(ck2["baseline"]["feats1"], ck1["baseline"]["feats1"])  # kept, not recomputed
+    assert len(ck2["buffer"]["task1"]) == 10  # the buffer keeps a prefix; DER uses the same prefix of its features
 
 
 def test_pfr_loss_zero_for_identity_projector_and_equal_encoders():
@@ -420,21 +584,14 @@ def test_pfr_loss_zero_for_identity_projector_and_equal_encoders():
     same = {k: v.clone() for k, v in student.state_dict().items() if cosmae.is_encoder_key(k)}
     teacher = cosmae.MixupTeacher(student, same)
     teacher.rebuild(0.0)  # PFR's teacher: e_{t−1}
-    assert abs(cosmae.pfr_loss(g(student.encode(x)), teacher.encode(x, "mean")).item()) < 1e-6
+    assert abs(baselines.pfr_loss(g(student.encode(x)), teacher.encode(x, "mean")).item()) < 1e-6
     other = {k: v + 0.1 * torch.randn_like(v) for k, v in same.items()}
     teacher = cosmae.MixupTeacher(student, other)
     teacher.rebuild(0.0)
-    assert cosmae.pfr_loss(g(student.encode(x)), teacher.encode(x, "mean")).item() > 1e-3
+    assert baselines.pfr_loss(g(student.encode(x)), teacher.encode(x, "mean")).item() > 1e-3
     p, z = torch.randn(5, 7), torch.randn(5, 7)  # 1 − mean cosine, by hand
     want = 1 - np.mean([float(p[i] @ z[i] / (p[i].norm() * z[i].norm())) for i in range(5)])
-    assert math.isclose(cosmae.pfr_loss(p, z).item(), want, rel_tol=1e-5)
-
-
-def test_seeds_flag_runs_one_folder_per_seed(tmp_path, monkeypatch):
-    seen = []
-    monkeypatch.setattr(cosmae, "train", lambda cfg: seen.append((cfg.seed, cfg.out)))
-    cosmae.main(["--tasks", "synth_city", "--seeds", "0", "2", "--out", str(tmp_path / "r")])
-    assert seen == [(0, f"{tmp_path}/r/seed0"), (2, f"{tmp_path}/r/seed2")]
+    assert math.isclose(baselines.pfr_loss(p, z).item(), want, rel_tol=1e-5)
 
 
 # --- multi-GPU block (run on CPU with gloo) ----------------------------------------------------------------
@@ -457,7 +614,7 @@ def test_ddp_two_ranks_equal_weights_and_match_single_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    kw = dict(tasks=["synth_city", "synth_farm"], model="vit_test", epochs=1, batch_size=8, synth_train=32,
+    kw = dict(tasks=["synth_red", "synth_green"], model="vit_test", epochs=1, batch_size=8, synth_train=32,
               memory_size=20, eval=False, log_every=1, device="cpu", warmup_epochs=0.5)
     mp.spawn(_ddp_worker, args=(2, port, dict(kw, out=str(tmp_path / "ddp")), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -474,10 +631,20 @@ def test_ddp_two_ranks_equal_weights_and_match_single_process(tmp_path):
     assert not (tmp_path / "ddp" / "rank1.pt").exists()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_run_with_evaluation_and_a_baseline(tmp_path, small_eval):
+    """The bf16 autocast path end to end on a GPU: CoSMAE and DER steps, features, Eq. (1) per task, pictures."""
+    for method in ("cosmae", "der"):
+        res = tiny_train(tiny_cfg(tmp_path, device="cuda", eval=True, method=method, out=str(tmp_path / method)))
+        assert all(math.isfinite(r["loss/total"]) for r in records(tmp_path / method))
+        assert [r["task"] for r in res["eval"]] == [0, 1, 2] and all(len(r["rec_loss"]) == 2 for r in res["eval"])
+        assert (tmp_path / method / "reconstructions_T2.png").exists()
+
+
 # --- --compile ---------------------------------------------------------------------------------------------
 
 def _three_steps(compile: bool):
-    cfg = cosmae.resolve(Config(tasks=["synth_city"], model="vit_test", batch_size=8, device="cpu", compile=compile))
+    cfg = cosmae.resolve(Config(tasks=["synth_red"], model="vit_test", batch_size=8, device="cpu", compile=compile))
     model, proj = cosmae.build_model(cfg), cosmae.make_projector(48, 16)
     theta_prev = {k: v + 0.01 for k, v in model.state_dict().items() if cosmae.is_encoder_key(k)}
     teacher = cosmae.MixupTeacher(model, theta_prev, compile)
@@ -510,7 +677,6 @@ def test_compiled_and_eager_steps_agree(monkeypatch):
 
 # --- ML-kNN evaluation (eval_mlknn.py) ---------------------------------------------------------------------
 
-import eval_mlknn  # noqa: E402
 
 
 def mlknn_loop(train_x, train_y, test_x, k, s):
@@ -566,11 +732,14 @@ def test_mlknn_duplicate_points_exclude_only_themselves():
     assert np.allclose(got, [[9 / 14]])
 
 
-def test_binary_scores_are_the_map_decisions_and_map_scores():
+def test_both_map_kinds_rank_posteriors_and_decisions():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(30, 2)), (rng.random((30, 3)) < 0.5).astype(int)
-    post = eval_mlknn.mlknn_scores(x, y, x[:10], k=3)
-    assert np.array_equal(eval_mlknn.mlknn_predict(x, y, x[:10], k=3), (post > 0.5).astype(int))
+    post = eval_mlknn.mlknn_scores(x, y, x[:10])  # k = 10, as the evaluation
+    r = eval_mlknn.evaluate_features(x, y, x[:10], y[:10])
+    assert math.isclose(r["micro"], eval_mlknn.map_scores(y[:10], post)["micro"])
+    assert math.isclose(r["micro_binary"], eval_mlknn.map_scores(y[:10], post > 0.5)["micro"])
+    assert math.isclose(r["macro_binary"], eval_mlknn.map_scores(y[:10], post > 0.5)["macro"])
     y_true = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]])
     perfect = eval_mlknn.map_scores(y_true, y_true * 0.9 + 0.05)
     assert perfect["micro"] == 100 and perfect["macro"] == 100 and perfect["skipped"] == [2]
@@ -579,28 +748,211 @@ def test_binary_scores_are_the_map_decisions_and_map_scores():
     got = eval_mlknn.map_scores(y_true, scores)
     assert math.isclose(got["micro"], 100 * average_precision_score(y_true.ravel(), scores.ravel()))
     assert math.isclose(got["macro"], 100 * np.mean([average_precision_score(y_true[:, i], scores[:, i]) for i in (0, 1)]))
+    with pytest.raises(cosmae.DataError, match="non-finite features"):
+        eval_mlknn.evaluate_features(np.full((4, 2), np.nan), y[:4], x[:2], y[:2])
+
+
+def test_mlknn_count_self_counts_each_training_point_as_its_own_neighbour():
+    """x = 0, 1, 5, 6 with A = 1, 0, 1, 1, k = 1, counting self (scikit-multilearn's MLkNN): each point's one
+    neighbour is itself, C = y = 1, 0, 1, 1; c1 = [0, 3], c0 = [1, 0]; prior 2/3; P(E|H1) = [1/5, 4/5],
+    P(E|H0) = [2/3, 1/3]; test 5.4 (neighbour 5, C = 1): (2/3·4/5) / (2/3·4/5 + 1/3·1/3) = 24/29."""
+    x, y = np.array([[0.0], [1.0], [5.0], [6.0]]), np.array([[1], [0], [1], [1]])
+    assert np.allclose(eval_mlknn.mlknn_scores(x, y, np.array([[5.4]]), k=1, s=1.0, count_self=True), [[24 / 29]])
+    assert not np.allclose(eval_mlknn.mlknn_scores(x, y, np.array([[5.4]]), k=1, s=1.0), [[24 / 29]])
+
+
+def fake_run(label, micro, per_task=None, seconds=3600.0):
+    rows = [dict(task=t, micro=v, macro=v, micro_binary=v / 2, macro_binary=v / 2, rec_loss=[0.5, 0.4],
+                 per_task=per_task[t] if per_task else None) for t, v in enumerate(micro)]
+    return dict(label=label, tasks=["a", "b"], rows=rows, train_seconds=seconds)
 
 
 def test_table_writer_layout_with_seeds_and_hours():
-    rows = lambda *v: [dict(task=t, micro=x, macro=x) for t, x in enumerate(v)]
-    runs = [dict(method="finetune", tasks=["a", "b"], rows=rows(40, 50, 60), train_seconds=3600),
-            dict(method="cosmae", tasks=["a", "b"], rows=rows(40, 50, 64), train_seconds=7200),
-            dict(method="cosmae", tasks=["a", "b"], rows=rows(40, 52, 66), train_seconds=9000)]
+    runs = [fake_run("finetune", (40, 50, 60)), fake_run("cosmae", (40, 50, 64), seconds=7200),
+            fake_run("cosmae", (40, 52, 66), seconds=9000)]
     assert eval_mlknn.format_table(runs) == (
         "| method | init | T1 (a) | T2 (b) | train h |\n"
         "|---|---|---|---|---|\n"
         "| finetune | 40.00 | 50.00 | 60.00 | 1.00 |\n"
         "| cosmae | 40.00 ± 0.00 | 51.00 ± 1.00 | 65.00 ± 1.00 | 2.25 ± 0.25 |")
+    short = eval_mlknn.format_table([fake_run("x", (1, 2, 3), seconds=290.4)], "micro_binary")
+    assert short.endswith("| x | 0.50 | 1.00 | 1.50 | 290 |") and "train s" in short
 
 
-def test_eval_cli_on_a_tiny_run(tmp_path, capsys):
-    cosmae.train(tiny_cfg(tmp_path))
-    eval_mlknn.main([str(tmp_path / "run"), "--table-out", str(tmp_path / "t.md"), "--device", "cpu"])
+def test_forgetting_table_and_matrices_mean_and_std_over_seeds():
+    a1 = [[10, 10], [70, 20], [60, 80]]  # forgetting 10, BWT −10, final 70
+    a2 = [[10, 10], [70, 20], [50, 80]]  # forgetting 20, BWT −20, final 65
+    runs = [fake_run("ft", (1, 2, 3), a1, 100), fake_run("ft", (1, 2, 3), a2, 300)]
+    table = eval_mlknn.forgetting_table(runs)
+    assert table.splitlines()[-1] == "| ft | 67.50 ± 2.50 | 15.00 ± 5.00 | -15.00 ± 5.00 | 200 ± 100 |"
+    matrix = eval_mlknn.format_matrix(runs, "per_task")
+    assert "| after T2 (b) | 55.00 ± 5.00 | 80.00 ± 0.00 |" in matrix and "| init (random) |" in matrix
+
+
+def test_eval_cli_tables_of_runs_and_seeds(tmp_path, capsys, small_eval):
+    cosmae.main(["--tasks", "synth_red", "synth_green", "--model", "vit_test", "--epochs", "1", "--batch-size", "8",
+                 "--synth-train", "32", "--memory-size", "20", "--device", "cpu", "--seeds", "0", "1",
+                 "--out", str(tmp_path / "co")])
+    capsys.readouterr()
+    eval_mlknn.main([str(tmp_path / "co" / "seed0"), str(tmp_path / "co" / "seed1"), "--table-out", str(tmp_path / "t.md")])
     table = (tmp_path / "t.md").read_text()
-    assert "| cosmae |" in table and "T2 (synth_farm)" in table and "micro mAP" in table
+    assert "| cosmae |" in table and "T2 (synth_green)" in table and " ± " in table
+    assert "micro ★ mAP" in table and "Table" in table and "avg forgetting" in table and "R[t][j]" in table
     with pytest.raises(SystemExit) as e:
         eval_mlknn.main([str(tmp_path / "missing")])
-    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+    assert e.value.code == 2 and "not an evaluated run folder" in capsys.readouterr().err
+
+
+def test_eval_file_does_not_import_the_method_file():
+    code = "import sys, eval_mlknn; assert 'cosmae' not in sys.modules, 'circle'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# --- bad inputs: one line and exit 2; failures lose nothing ---------------------------------------------------
+
+TINY = ["--tasks", "synth_red", "synth_green", "--model", "vit_test", "--epochs", "1", "--batch-size", "8",
+        "--synth-train", "32", "--memory-size", "20", "--no-eval", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--epochs", "-1"], "--epochs -1: must be ≥ 1"), (["--batch-size", "-4"], "--batch-size -4: must be ≥ 1"),
+    (["--mask-ratio", "1.0"], "--mask-ratio 1.0: must be in (0, 1)"), (["--mask-ratio", "0"], "--mask-ratio 0.0"),
+    (["--mask-ratio", "1.5"], "--mask-ratio 1.5"), (["--mask-ratio", "0.99"], "one of the 16 patches visible"),
+    (["--tau", "0"], "--tau 0.0: must be > 0"), (["--lr", "-1"], "--lr -1.0: must be > 0"),
+    (["--alpha1", "0"], "--alpha1 0.0: must be > 0"), (["--alpha2", "-1"], "--alpha2"),
+    (["--log-every", "0"], "--log-every 0: must be ≥ 1"), (["--save-every", "0"], "--save-every 0: must be ≥ 1"),
+    (["--memory-size", "0"], "--memory-size 0: must be ≥ 1 with data mixup"),
+    (["--lam2-value", "1.5"], "--lam2-value 1.5: must be in [0, 1]"), (["--warmup-epochs", "5"], "--warmup-epochs 5.0"),
+    (["--synth-train", "4"], "--synth-train 4: must be ≥ --batch-size (8)"), (["--seed", "-3"], "--seed -3"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "CUDA device"),
+    (["--device", "tpu"], "--device tpu"), (["--model", "vit_huge"], "--model vit_huge"),
+])
+def test_a_bad_flag_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        cosmae.main(TINY + ["--out", str(tmp_path / "run")] + flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags,message", [(["--method", "der", "--memory-size", "0"], "--memory-size 0: must be ≥ 1 for der"),
+                                           (["--method", "er", "--replay-batch", "-1"], "--replay-batch -1"),
+                                           (["--method", "ewc", "--ewc-batches", "0"], "--ewc-batches 0")])
+def test_a_bad_baseline_flag_is_one_line_exit_2(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        baselines.main(TINY + ["--out", str(tmp_path / "run")] + flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    cosmae.main(TINY + ["--tasks", "synth_red", "--out", str(tmp_path / "run")])  # task 1 done, finite
+    good = encoder_of(tmp_path / "run" / "task1_synth_red.pt")
+    with pytest.raises(SystemExit) as e:  # the same run, now with a second task at an absurd learning rate
+        cosmae.main(TINY + ["--out", str(tmp_path / "bad"), "--lr", "1e6", "--log-every", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "non-finite" in err and "task 1 (synth_red)" in err and "Traceback" not in err
+    assert not list((tmp_path / "bad").glob("*.pt"))  # no checkpoint of non-finite weights
+    run = cosmae.Run(tiny_cfg(tmp_path, out=str(tmp_path / "nan")))
+    run.start(None)
+    model = tiny_model()
+    run.save(tmp_path / "nan" / "task1_x.pt", model, encoder=good)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(cosmae.DataError, match="non-finite"):
+        run.save(tmp_path / "nan" / "task1_x.pt", model, encoder={})
+    assert all(torch.equal(good[k], v) for k, v in encoder_of(tmp_path / "nan" / "task1_x.pt").items())
+
+
+def test_ctrl_c_says_where_and_how_to_resume_exit_130(tmp_path):
+    cmd = [sys.executable, "-u", "cosmae.py", *TINY, "--epochs", "200", "--save-every", "1", "--log-every", "1",
+           "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("task 1 synth_red | ep 2/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted in task 1 (synth_red), epoch" in err and "rerun the same command to resume" in err
+    assert "Traceback" not in err and (tmp_path / "run" / "last.pt").exists()
+
+
+def test_failed_start_leaves_no_run_folder_and_the_fixed_rerun_works(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "run")]
+    for bad in (["--init", str(tmp_path / "missing.pt")], ["--ucmerced", str(tmp_path / "nowhere"), "--eval"],
+                ["--batch-size", "64"]):
+        with pytest.raises(SystemExit) as e:
+            cosmae.main(TINY + out + bad)
+        assert e.value.code == 2 and not (tmp_path / "run" / "config.json").exists(), bad
+    capsys.readouterr()
+    cosmae.main(TINY + out)
+    assert (tmp_path / "run" / "task2_synth_green.pt").exists()
+
+
+def test_init_that_matches_nothing_is_an_error_and_a_partial_one_says_what_is_missing(tmp_path, capsys):
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit) as e:
+        cosmae.main(TINY + ["--init", str(tmp_path / "other.pt"), "--out", str(tmp_path / "a")])
+    assert e.value.code == 2 and "none of its 1 weights is an encoder weight" in capsys.readouterr().err
+    sd = {k: v for k, v in tiny_model().state_dict().items() if k.startswith("patch_embed")}
+    torch.save({"model": sd}, tmp_path / "part.pt")
+    cosmae.main(TINY + ["--tasks", "synth_red", "--init", str(tmp_path / "part.pt"), "--out", str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    assert "encoder weights NOT loaded" in out and "cls_token" in out
+
+
+def test_json_files_are_atomic_and_a_corrupt_one_is_a_clear_error(tmp_path):
+    cosmae.train(tiny_cfg(tmp_path, tasks=["synth_red"]))
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    (tmp_path / "run" / "summary.json").write_text('{"completed": 1, "trai')  # a torn write of an older version
+    with pytest.raises(cosmae.DataError, match="summary.json is corrupt"):
+        cosmae.train(tiny_cfg(tmp_path, tasks=["synth_red"]))
+
+
+def test_cache_goes_to_the_user_cache_when_the_data_folder_is_read_only(tmp_path, monkeypatch):
+    make_datasets(tmp_path / "d")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    real_writable = rs_data.writable
+    monkeypatch.setattr(rs_data, "writable", lambda d: str(tmp_path / "d") not in str(d) and real_writable(d))
+    logs = []
+    tiles = rs_data.task_tiles("uavid", tmp_path / "d", "train", log=logs.append)
+    assert (tiles == 77).all() and not (tmp_path / "d" / ".cosmae_cache").exists()
+    assert list((tmp_path / "xdg" / "cosmae").glob("d-*/uavid_train.npy")) and any("xdg" in m for m in logs)
+    monkeypatch.setattr(rs_data, "writable", real_writable)  # a cache built inside a (then) writable data folder
+    rs_data.task_tiles("potsdam", tmp_path / "d", "train", log=logs.append)
+    monkeypatch.setattr(rs_data, "writable", lambda d: False)  # ... is used read-only once the folder is not
+    monkeypatch.setattr(rs_data, "read_rgb", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
+    assert rs_data.task_tiles("potsdam", tmp_path / "d", "train", log=logs.append).shape == (12, 3, 256, 256)
+    with pytest.raises(cosmae.DataError, match="no writable place for the tile cache.*--cache-dir"):
+        rs_data.task_tiles("treesat", tmp_path / "d", "train", log=logs.append)
+
+
+def test_a_failed_cache_build_leaves_no_temporary_file(tmp_path, monkeypatch):
+    make_datasets(tmp_path / "d")
+    real, calls = rs_data.read_rgb, []
+
+    def fail_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(*a, **k)
+
+    monkeypatch.setattr(rs_data, "read_rgb", fail_on_second)
+    with pytest.raises(OSError):
+        rs_data.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
+    assert list((tmp_path / "c").iterdir()) == []
+
+
+@pytest.mark.parametrize("row,message", [("airplane00\t1\t0", "line 2: expected an image name and 17 values"),
+                                         ("airplane00\t" + "\t".join(["1"] * 16) + "\tx", "got 17 values"),
+                                         ("airplane00\t" + "\t".join(["2"] * 17), "values 0 or 1")])
+def test_ucmerced_label_file_is_checked_row_by_row(tmp_path, row, message):
+    make_ucmerced(tmp_path / "U", n_per_class=2)
+    path = tmp_path / "U" / "LandUse_Multilabeled.txt"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], row] + lines[2:]) + "\n")
+    with pytest.raises(cosmae.DataError, match=re.escape(message)):
+        rs_data.ucmerced_splits(tmp_path / "U", tmp_path / "c", log=lambda m: None)
 
 
 # --- real datasets: small files in each official layout ----------------------------------------------------
@@ -797,7 +1149,7 @@ def test_ucmerced_labels_crlf_resize_and_split_sizes(tmp_path):
         assert lab[int(np.argmax(img.reshape(3, -1).mean(1)))] == 1
 
 
-def test_end_to_end_four_fake_datasets_then_eval_on_fake_ucmerced(tmp_path, capsys):
+def test_end_to_end_four_fake_datasets_with_evaluation_on_fake_ucmerced(tmp_path, capsys):
     make_datasets(tmp_path / "d")
     make_ucmerced(tmp_path / "UCMerced_LandUse")
     ucm = str(tmp_path / "UCMerced_LandUse")
@@ -805,10 +1157,26 @@ def test_end_to_end_four_fake_datasets_then_eval_on_fake_ucmerced(tmp_path, caps
                  "--ucmerced", ucm, "--model", "vit_test", "--epochs", "1", "--batch-size", "2",
                  "--warmup-epochs", "0.5", "--device", "cpu", "--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
-    assert "T4 (treesat)" in out and "UCMerced" in out
+    assert "T4 (treesat)" in out and "UCMerced" in out and "R[t][j]" in out and "A[t][j]" not in out
     assert [p.name for _, _, p in cosmae.task_checkpoints(tmp_path / "run")][-1] == "task4_treesat.pt"
-    eval_mlknn.main([str(tmp_path / "run"), "--ucmerced", ucm, "--device", "cpu"])
+    rows = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert len(rows) == 5 and all(r["per_task"] is None and len(r["rec_loss"]) == 4 for r in rows)  # no labels
+    assert "final_avg_map" not in json.loads((tmp_path / "run" / "summary.json").read_text())
+    eval_mlknn.main([str(tmp_path / "run")])
     assert "T4 (treesat)" in capsys.readouterr().out
+
+
+def test_treesat_resize_instead_of_centre_crop(tmp_path):
+    make_datasets(tmp_path / "d")
+    aerial = tmp_path / "d" / "TreeSatAI" / "aerial" / "60m"
+    img = np.zeros((4, 304, 304), np.uint8)
+    img[3, :24] = 200  # R band: a bright strip along the top, outside the centre 256×256
+    for p in aerial.glob("*.tif"):
+        tifffile.imwrite(p, img, photometric="minisblack", planarconfig="separate")
+    crop = rs_data.task_tiles("treesat", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
+    full = rs_data.task_tiles("treesat", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None, treesat_resize=True)
+    assert crop[:, 0].max() == 0 and full[:, 0, :10].min() > 150  # the strip: cut off, or kept (resized)
+    assert cosmae.parse_args(["--treesat-resize"]).treesat_resize
 
 
 def test_presets_paper_for_real_tasks_synthetic_otherwise_explicit_flags_win():
@@ -817,8 +1185,8 @@ def test_presets_paper_for_real_tasks_synthetic_otherwise_explicit_flags_win():
     assert paper.norm_pix_loss is False  # the paper does not mention MAE's normalised target
     synth = cosmae.resolve(Config(warmup_epochs=0.0, epochs=2))
     assert (synth.model, synth.epochs, synth.warmup_epochs, synth.norm_pix_loss) == ("vit_tiny", 2, 0.0, True)
-    assert cosmae.parse_args(["--no-norm-pix-loss"]).norm_pix_loss is False
-    assert cosmae.parse_args(["--tasks", "us3d", "--norm-pix-loss"]).norm_pix_loss is True
+    assert cosmae.resolve(cosmae.parse_args(["--no-norm-pix-loss"])).norm_pix_loss is False
+    assert cosmae.resolve(cosmae.parse_args(["--tasks", "us3d", "--norm-pix-loss"])).norm_pix_loss is True
     assert MODELS["vit_base"] == dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                                       decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
@@ -826,12 +1194,13 @@ def test_presets_paper_for_real_tasks_synthetic_otherwise_explicit_flags_win():
 def test_evaluating_a_task_again_replaces_its_row(tmp_path, monkeypatch):
     """A run that crashed in task 1 evaluates the random init again when resumed: one row per task."""
     run = cosmae.Run(tiny_cfg(tmp_path, eval=True))
-    run.eval_set = {"stub": None}  # not read by the stubbed evaluation
-    scores = iter([dict(micro=1.0, macro=2.0), dict(micro=3.0, macro=4.0), dict(micro=5.0, macro=6.0)])
-    monkeypatch.setattr(eval_mlknn, "evaluate_encoder", lambda *a, **k: next(scores))
+    run.start(dict(main=None, own=None, held_out=[]))  # not read by the stubbed evaluation
+    scores = iter([dict(micro=1.0, micro_binary=2.0), dict(micro=3.0, micro_binary=4.0), dict(micro=5.0, micro_binary=6.0)])
+    monkeypatch.setattr(eval_mlknn, "evaluation_row", lambda *a: (dict(next(scores), per_task=None, rec_loss=[]), []))
+    monkeypatch.setattr(eval_mlknn, "save_picture", lambda *a: None)
     run.evaluate(0, "init", None)
-    run.evaluate(1, "synth_city", None)
+    run.evaluate(1, "synth_red", None)
     run.evaluate(0, "init", None)
     rows = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert [(r["task"], r["micro"], r["macro"]) for r in rows] == [(0, 5.0, 6.0), (1, 3.0, 4.0)]
+    assert [(r["task"], r["micro"], r["micro_binary"]) for r in rows] == [(0, 5.0, 6.0), (1, 3.0, 4.0)]
     assert cosmae.Run(tiny_cfg(tmp_path, eval=True)).eval_rows == rows  # and a resumed Run reads them back
