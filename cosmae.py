@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 import eval_mlknn
 import rs_data
-from rs_data import DataError
+from rs_data import DataError, atomic_write
 
 
 # --- Configuration ---------------------------------------------------------------------------------------
@@ -692,16 +692,6 @@ def train(cfg: Config, baseline=None) -> dict:
 
 # --- [boilerplate] run folder: config, metrics log, atomic writes, resume, evaluation hook ------------------
 
-def atomic_write(path: Path, write):
-    """write(temporary path), then rename: a crash never leaves a half-written file; no temporary file stays."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load_checkpoint(path, fix: str = "delete it to redo that part of the run") -> dict:
     """torch.load(weights_only=True): tensors and plain containers only, never arbitrary pickles."""
     path = Path(path)
@@ -780,7 +770,7 @@ class Run:
             "compile", "mlknn_count_self")  # may change between a run and its resume: they do not change training
 
     def __init__(self, cfg: Config):
-        self.cfg, self.out, self.main, self.where = cfg, Path(cfg.out), DIST["rank"] == 0, "before task 1"
+        self.cfg, self.out, self.main, self.at = cfg, Path(cfg.out), DIST["rank"] == 0, None
         if self.out.exists() and not self.out.is_dir():
             raise DataError(f"--out {self.out} is a file; name a folder")
         self.conf, old = dataclasses.asdict(cfg), self.read("config.json", None)
@@ -793,6 +783,14 @@ class Run:
                                                       completed=0, train_seconds=0.0))
         self.eval_rows, self.evaldata = self.read("eval.json", []), None
         self.source = "UCMerced (800 test images)" if cfg.ucmerced else "the synthetic multi-label set"
+
+    @property
+    def where(self) -> str:
+        """Where the run is, for the messages of a stop: set by the meter (every step) and the evaluation."""
+        if self.at is None or isinstance(self.at, str):
+            return self.at or "before task 1"
+        t, name, epoch, step = self.at
+        return f"in task {t} ({name}), epoch {epoch + 1}, step {step + 1}"
 
     def start(self, evaldata):
         """Every input has been read and checked: write config.json (the run exists from now on)."""
@@ -865,8 +863,14 @@ class Run:
         path = self.out / "metrics.jsonl"
         if not self.main or not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and (
-            (r := json.loads(ln))["task"] < t or (r["task"] == t and r["step"] <= steps_done))]
+        keep = []
+        for ln in path.read_text().splitlines():
+            try:
+                r = json.loads(ln)
+            except json.JSONDecodeError:  # the torn last record of a crash mid-write
+                continue
+            if r["task"] < t or (r["task"] == t and r["step"] <= steps_done):
+                keep.append(ln)
         atomic_write(path, lambda p: p.write_text("".join(ln + "\n" for ln in keep)))
 
     def evaluate(self, t: int, name: str, model: MAE):
@@ -874,7 +878,7 @@ class Run:
         eval.json, and the picture of the masked reconstructions of every task."""
         if not self.main or self.evaldata is None:
             return
-        t0, self.where = time.time(), f"while evaluating after task {t}"
+        t0, self.at = time.time(), f"while evaluating after task {t}"
         row, panels = eval_mlknn.evaluation_row(self.evaldata, lambda x: extract_features(model, x, self.cfg),
                                                 lambda x: reconstruct(model, x, self.cfg), self.cfg.mlknn_count_self)
         row = dict(task=t, name=name, eval_set=self.source, **row)
@@ -918,7 +922,7 @@ class Meter:
         vals = torch.stack([loss.detach().float(), loss_rec.detach().float(), loss_mim.detach().float()])
         self.sums = vals if self.sums is None else self.sums + vals
         self.n, self.imgs = self.n + 1, self.imgs + n_img
-        self.run.where = f"in task {self.t} ({self.name}), epoch {epoch + 1}, step {step + 1}"
+        self.run.at = (self.t, self.name, epoch, step)  # formatted only when a message needs it
         if (step + 1) % self.cfg.log_every and step + 1 != self.total:
             return
         total, rec, mim = (all_mean(self.sums) / self.n).tolist()  # every rank joins the all-reduce

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score
 from sklearn.neighbors import NearestNeighbors
 
-from rs_data import DataError
+from rs_data import DataError, atomic_write
 
 K, SMOOTHING = 10, 1.0  # the paper's k; Laplace smoothing s = 1 as in Zhang & Zhou
 
@@ -125,9 +124,7 @@ def save_picture(path: Path, pictures: list, scale: int = 0):
     arr = np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0))) for p in pictures], 0)
     scale = scale or max(1, 256 // pictures[0].shape[0])
     im = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
-    tmp = path.with_name(path.name + ".tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
 # --- Continual-learning measures of an accuracy matrix ------------------------------------------------------

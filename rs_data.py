@@ -319,6 +319,17 @@ def subset(tiles, n: int, seed: int = DATA_SEED) -> np.ndarray:
     return np.asarray(tiles[pick])
 
 
+def atomic_write(path: Path, write):
+    """write(temporary path), then rename: a crash never leaves a half-written file, and no temporary file stays
+    behind (every file the project writes goes through here)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # --- the tile cache: one uint8 .npy per split, memory-mapped --------------------------------------------------
 
 def user_cache() -> Path:
@@ -370,15 +381,8 @@ def cached_tiles(dirs: list, key: str, root: Path, files: list, seed: int, selec
     if not cells:
         raise DataError(f"{key}: no 256×256 patch in the {len(files)} images under {root}")
     log(f"{key}: building the tile cache {npy} ({len(cells)} patches, {len(cells) * 3 * PATCH * PATCH / 1e9:.2f} GB)")
-    tmp = d / f"{key}.tmp.npy"
-    try:
-        fill_cache(tmp, cells, files, read, key, log)
-        os.replace(tmp, npy)
-        man.with_suffix(".json.tmp").write_text(json.dumps(manifest))
-        os.replace(man.with_suffix(".json.tmp"), man)
-    finally:
-        tmp.unlink(missing_ok=True)
-        man.with_suffix(".json.tmp").unlink(missing_ok=True)
+    atomic_write(npy, lambda tmp: fill_cache(tmp, cells, files, read, key, log))
+    atomic_write(man, lambda tmp: tmp.write_text(json.dumps(manifest)))  # last: the cache is complete
     return np.load(npy, mmap_mode="r")
 
 

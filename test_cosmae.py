@@ -393,6 +393,8 @@ def test_resume_after_interrupted_run_equals_uninterrupted_and_logs_each_step_on
     assert (run / "task1_synth_red.pt").exists() and not (run / "task2_synth_green.pt").exists()
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     assert len(records(run)) == 8 + 4 + 2  # logged before the crash, the last two steps to be replayed
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"task": 2, "st')  # and a record torn by the crash
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     resumed = cosmae.train(tiny_cfg(tmp_path, out=str(tmp_path / "cut"), epochs=2, save_every=1, log_every=1))
     e_full, e_cut = encoder_of(full["checkpoints"][-1]), encoder_of(resumed["checkpoints"][-1])
