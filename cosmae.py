@@ -766,16 +766,15 @@ def picture(model: MAE, x, pred, mask) -> np.ndarray:
 class Run:
     """Everything a run writes under cfg.out (config.json, summary.json, eval.json, metrics.jsonl, checkpoints,
     pictures; under torchrun only rank 0 writes). Resume = rerun the same command with the same --out."""
-    KEEP = ("device", "log_every", "save_every", "eval", "out", "data_root", "cache_dir", "ucmerced", "seeds",
-            "compile", "mlknn_count_self")  # may change between a run and its resume: they do not change training
 
     def __init__(self, cfg: Config):
         self.cfg, self.out, self.main, self.at = cfg, Path(cfg.out), DIST["rank"] == 0, None
         if self.out.exists() and not self.out.is_dir():
             raise DataError(f"--out {self.out} is a file; name a folder")
         self.conf, old = dataclasses.asdict(cfg), self.read("config.json", None)
-        if old is not None:  # a resume: the same training, whatever the paths and evaluation settings
-            diff = {k: (old.get(k), v) for k, v in self.conf.items() if k not in self.KEEP and old.get(k) != v}
+        if old is not None:  # a resume: the same training; paths, device, logging, evaluation may change
+            diff = {k: (old.get(k), v) for k, v in self.conf.items()
+                    if k not in eval_mlknn.NOT_TRAINING and old.get(k) != v}
             if diff:
                 raise DataError(f"{self.out} holds a run with other settings {diff} (old, new); use another --out, "
                                 "or the same flags to resume it")

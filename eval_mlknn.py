@@ -253,8 +253,8 @@ def report(runs: list, source: str) -> str:
 
 # --- CLI: tables of finished runs --------------------------------------------------------------------------
 
-TRAINING_ONLY = ("seed", "seeds", "out", "device", "eval", "log_every", "save_every", "data_root", "cache_dir",
-                 "compile", "ucmerced")
+NOT_TRAINING = ("out", "seeds", "device", "eval", "log_every", "save_every", "data_root", "cache_dir", "compile",
+                "ucmerced", "mlknn_count_self")  # settings that do not change what is trained: a resume may change them
 
 
 def load_run(run_dir) -> dict:
@@ -275,7 +275,7 @@ def load_run(run_dir) -> dict:
         off = [n for n in ("data_mixup", "model_mixup") if not config.get(n, True)]
         label += "".join(f" --no-{n.replace('_', '-')}" for n in off)
     return dict(label=label, tasks=config["tasks"], rows=rows, train_seconds=summary.get("train_seconds"),
-                folder=run_dir, config={k: v for k, v in config.items() if k not in TRAINING_ONLY})
+                folder=run_dir, config={k: v for k, v in config.items() if k not in NOT_TRAINING + ("seed",)})
 
 
 def main(argv=None) -> None:
