@@ -198,7 +198,8 @@ def check_flags(cfg: Config):
              ("log_every", cfg.log_every >= 1, "≥ 1"), ("save_every", cfg.save_every >= 1, "≥ 1"),
              ("synth_train", cfg.synth_train >= cfg.batch_size or cfg.tasks[0] in rs_data.REAL_TASKS,
               f"≥ --batch-size ({cfg.batch_size})"),
-             ("seed", cfg.seed >= 0, "≥ 0"), ("seeds", all(s >= 0 for s in cfg.seeds), "≥ 0 each")]
+             ("seed", cfg.seed >= 0, "≥ 0"), ("seeds", all(s >= 0 for s in cfg.seeds), "≥ 0 each"),
+             ("init", not cfg.init or Path(cfg.init).is_file(), "an existing checkpoint file")]
     enforce(cfg, rules)
     try:
         dev = torch.device(cfg.device)

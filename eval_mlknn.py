@@ -261,6 +261,8 @@ def load_run(run_dir) -> dict:
     """A run folder → {'label', 'tasks', 'rows', 'train_seconds', 'config'}. The label names the method and the
     Table I switches; runs with the same label are seeds of one configuration."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"run folder {run_dir} does not exist")
     try:
         config = json.loads((run_dir / "config.json").read_text())
         rows = json.loads((run_dir / "eval.json").read_text())

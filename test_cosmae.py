@@ -802,7 +802,11 @@ def test_eval_cli_tables_of_runs_and_seeds(tmp_path, capsys, small_eval):
     assert "micro ★ mAP" in table and "Table" in table and "avg forgetting" in table and "R[t][j]" in table
     with pytest.raises(SystemExit) as e:
         eval_mlknn.main([str(tmp_path / "missing")])
-    assert e.value.code == 2 and "not an evaluated run folder" in capsys.readouterr().err
+    assert e.value.code == 2 and f"run folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        eval_mlknn.main([str(tmp_path / "empty")])
+    assert e.value.code == 2 and "not an evaluated run folder (no config.json)" in capsys.readouterr().err
 
 
 def test_eval_file_does_not_import_the_method_file():
@@ -828,6 +832,7 @@ TINY = ["--tasks", "synth_red", "synth_green", "--model", "vit_test", "--epochs"
     (["--synth-train", "4"], "--synth-train 4: must be ≥ --batch-size (8)"), (["--seed", "-3"], "--seed -3"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "CUDA device"),
     (["--device", "tpu"], "--device tpu"), (["--model", "vit_huge"], "--model vit_huge"),
+    (["--init", "/nonexistent/mae.pth"], "--init /nonexistent/mae.pth: must be an existing checkpoint file"),
 ])
 def test_a_bad_flag_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
