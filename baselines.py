@@ -1,15 +1,16 @@
-"""The other rows of the paper's Table II (§III-D): ER, EWC, DER and PFR, built from cosmae.py's parts.
+"""The other rows of the paper's Table II (§III-D): ER, EWC, DER, LUMP and PFR, built from cosmae.py's parts.
 
 The paper names these baselines and cites their papers but gives none of their settings; the defaults below are
-this implementation's (README, "Inferred choices"). Fine-tuning and LUMP are switches of CoSMAE itself
-(`python cosmae.py --method finetune|lump`); this file runs every row, those two included:
+this implementation's (README, "Inferred choices"). Fine-tuning (the sequential MAE) is a switch of CoSMAE itself
+(`python cosmae.py --method finetune`); this file runs every row, that one included:
 
-    python baselines.py --method er            # any of: er ewc der pfr (and cosmae finetune lump)
+    python baselines.py --method lump          # any of: er ewc der lump pfr (and cosmae finetune)
     python baselines.py --method ewc --ewc-lambda 10 --seeds 0 1 2
 
-Each baseline is attached to cosmae.train() through one seam (mammoth's design: a method is a step and an
-end-of-task hook): `step` replaces cosmae.train_step, `start_task` / `end_task` run around each task, and
-`state_dict` is kept in every task checkpoint. The CoSMAE path never meets any of it.
+As the paper says (§III-D), every method trains identically on the first task: each baseline's own term starts
+with task 2. Each baseline is attached to cosmae.train() through one seam (mammoth's design: a method is a step
+and end-of-task hooks): `step` replaces cosmae.train_step, runner.Run calls `start_task` / `end_task` around
+each task and keeps `state_dict` in every task checkpoint. The CoSMAE path never meets any of it.
 """
 from __future__ import annotations
 
@@ -21,19 +22,26 @@ import torch
 import torch.nn.functional as F
 
 import cosmae
-from cosmae import arg, augment, autocast, gather, pool_tokens
+import eval_mlknn
+import rs_data
+import runner
+from cosmae import arg, autocast, mix_batch, pool_tokens
+from rs_data import augment
+from runner import gather
 
 
 @dataclass
 class BaselineConfig(cosmae.Config):
-    method: str = arg("er", "a Table II row: er ewc der pfr, or cosmae finetune lump",
-                      choices=["er", "ewc", "der", "pfr", "cosmae", "finetune", "lump"])
-    replay_batch: int = arg(0, "ER and DER: buffer images per step (0 = by method: ER ⌈B/32⌉, DER ⌈B/10⌉, so that "
-                               "their cost over fine-tuning is the paper's +3 % and +18 %)")
+    method: str = arg("er", "a Table II row: er ewc der lump pfr, or cosmae finetune",
+                      choices=["er", "ewc", "der", "lump", "pfr", "cosmae", "finetune"])
+    replay_batch: int = arg(0, "ER and DER: buffer images per step (0 = by method: ER ⌈0.045·B⌉, DER ⌈0.14·B⌉, so "
+                               "that their cost over fine-tuning on tasks 2-4 is what Table II's hours imply: "
+                               "+4.5 % and +25 %)")
     ewc_lambda: float = arg(100.0, "EWC: penalty weight λ_EWC (not given in the paper; not tuned)")
     ewc_batches: int = arg(16, "EWC: batches used to estimate the diagonal Fisher after each task")
     der_alpha: float = arg(0.1, "DER: weight of the feature-replay MSE (LUMP's DER default)")
     pfr_weight: float = arg(1.0, "PFR: weight of the cosine regulariser (not given in the paper)")
+    lump_alpha: float = arg(0.4, "LUMP: α of its λ ~ Beta(α, α), one draw per step (LUMP's own value)")
 
 
 def resolve(cfg: BaselineConfig) -> BaselineConfig:
@@ -41,13 +49,15 @@ def resolve(cfg: BaselineConfig) -> BaselineConfig:
     this file's flags."""
     cfg, method = cosmae.resolve(cfg), cfg.method
     if method in ("er", "der"):
-        cfg.replay_batch = cfg.replay_batch or math.ceil(cfg.batch_size / (32 if method == "er" else 10))
+        cfg.replay_batch = cfg.replay_batch or math.ceil(cfg.batch_size * (0.045 if method == "er" else 0.14))
     rules = [("replay_batch", cfg.replay_batch >= 0, "≥ 0 (0 = by method)"),
-             ("memory_size", method not in ("er", "der") or cfg.memory_size >= 1,
-              f"≥ 1 for {method} (it replays the buffer)"),
+             ("memory_size", method not in ("er", "der", "lump") or cfg.memory_size >= max(1, cfg.batch_size * (
+                 method == "lump")), f"≥ {'--batch-size' if method == 'lump' else 1} for {method} (it replays "
+              "the buffer)"),
              ("ewc_lambda", cfg.ewc_lambda >= 0, "≥ 0"), ("ewc_batches", cfg.ewc_batches >= 1, "≥ 1"),
-             ("der_alpha", cfg.der_alpha >= 0, "≥ 0"), ("pfr_weight", cfg.pfr_weight >= 0, "≥ 0")]
-    cosmae.enforce(cfg, rules)
+             ("der_alpha", cfg.der_alpha >= 0, "≥ 0"), ("pfr_weight", cfg.pfr_weight >= 0, "≥ 0"),
+             ("lump_alpha", cfg.lump_alpha > 0, "> 0 (Beta(α, α))")]
+    runner.enforce(cfg, rules)
     return cfg
 
 
@@ -69,7 +79,7 @@ class Baseline:
     def load_state_dict(self, sd: dict):
         pass
 
-    def step(self, model, projector, teacher, opt, raw, buffer, rng, gen, cfg, mixup):
+    def step(self, model, projector, teacher, opt, raw, buffer, rng, gen, cfg, mixup, lam2=None):
         """Eq. (1) on the augmented batch, plus the baseline's term(model, projector, x, latent, buffer, gen)."""
         x = augment(raw, cosmae.MODELS[cfg.model]["img_size"], gen)
         with autocast(cfg, x.device):
@@ -88,7 +98,7 @@ class Baseline:
 class ER(Baseline):
     """Experience replay [19]: cfg.replay_batch buffer images join every batch (task 2 on); Eq. (1) on all."""
 
-    def step(self, model, projector, teacher, opt, raw, buffer, rng, gen, cfg, mixup):
+    def step(self, model, projector, teacher, opt, raw, buffer, rng, gen, cfg, mixup, lam2=None):
         if len(buffer):
             raw = torch.cat([raw, buffer.sample(cfg.replay_batch, gen, raw.device)])
         return cosmae.train_step(model, projector, None, opt, raw, buffer, rng, gen, cfg, False)
@@ -113,7 +123,7 @@ class EWC(Baseline):
         rng, gen = np.random.default_rng([cfg.seed, 777]), torch.Generator(cfg.device).manual_seed(cfg.seed)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         sq, nb = {n: torch.zeros_like(p) for n, p in params.items()}, 0
-        for raw in cosmae.batches(tiles, cfg.batch_size, rng, cfg.device):
+        for raw in rs_data.batches(tiles, cfg.batch_size, rng, cfg.device, (runner.DIST["rank"], runner.DIST["world"])):
             model.zero_grad(set_to_none=True)
             model(augment(raw, img, gen), cfg.mask_ratio)[0].backward()
             grads = [p.grad for p in params.values()]
@@ -122,7 +132,7 @@ class EWC(Baseline):
             if nb == cfg.ewc_batches:
                 break
         model.zero_grad(set_to_none=True)
-        self.fisher = {n: self.fisher.get(n, 0) + cosmae.all_mean(v) / nb for n, v in sq.items()}
+        self.fisher = {n: self.fisher.get(n, 0) + runner.all_mean(v) / nb for n, v in sq.items()}
         self.anchor = {n: p.detach().clone() for n, p in params.items()}
 
     def state_dict(self):
@@ -155,7 +165,8 @@ class DER(Baseline):
         return self.cfg.der_alpha * F.mse_loss(feats, stored)
 
     def end_task(self, t, model, tiles, buffer):
-        self.feats[t], self._flat = torch.from_numpy(cosmae.extract_features(model, buffer.tiles[t], self.cfg)), None
+        feats = eval_mlknn.extract_features(model, buffer.tiles[t], self.cfg.pool, self.cfg.device, self.cfg.amp)
+        self.feats[t], self._flat = torch.from_numpy(feats), None
 
     def state_dict(self):
         return {f"feats{k}": v for k, v in self.feats.items()}
@@ -171,13 +182,13 @@ class PFR(Baseline):
     def start_task(self, t, model, theta_prev):
         self.old = None
         if t > 1:
-            self.old = cosmae.MixupTeacher(model, theta_prev)
+            self.old = cosmae.MixupTeacher(model, theta_prev, self.cfg.pool)
             self.old.rebuild(0.0)  # θ̃ = θ_{t−1}, fixed for the whole task
 
     def term(self, model, projector, x, latent, buffer, gen):
         if self.old is None:
             return 0.0
-        z_old = gather(self.old.encode(x, self.cfg.pool))  # [N, D]
+        z_old = gather(self.old(x))  # [N, D]
         p = gather(projector(pool_tokens(latent, self.cfg.pool)))  # [N, D]
         return self.cfg.pfr_weight * pfr_loss(p, z_old)
 
@@ -187,16 +198,67 @@ def pfr_loss(p, z_old):
     return 1 - F.cosine_similarity(p.float(), z_old.float(), dim=1).mean()
 
 
-BASELINES = {"er": ER, "ewc": EWC, "der": DER, "pfr": PFR}
+class LUMP(Baseline):
+    """LUMP [8] (Madaan et al., ICLR 2022; their code divyam3897/UCL, models/mixup.py and utils/buffer.py): its own
+    reservoir buffer of the stream (M images, a uniform sample of every image seen so far, not balanced per task),
+    filled after every step; from task 2 on (§III-D: the first task trains as every method), the batch is mixed
+    with as many buffer images drawn without replacement, λ ~ Beta(α, α) once per step, and the SSL loss (Eq. (1))
+    is computed on the mixed batch only. cosmae.py's balanced buffer is not used."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.tiles, self.seen, self.t = None, 0, 1  # tiles: uint8 [M, 3, S, S] on the device
+
+    def start_task(self, t, model, theta_prev):
+        self.t = t
+
+    def step(self, model, projector, teacher, opt, raw, buffer, rng, gen, cfg, mixup, lam2=None):
+        img, lam = cosmae.MODELS[cfg.model]["img_size"], 1.0
+        x = augment(raw, img, gen)
+        if self.t > 1:
+            pick = torch.from_numpy(rng.choice(min(self.seen, len(self.tiles)), len(x), replace=False))
+            lam = float(rng.beta(cfg.lump_alpha, cfg.lump_alpha))
+            x = mix_batch(x, augment(self.tiles[pick.to(x.device)], img, gen), lam)  # Eq. (2)'s form, LUMP's λ
+        with autocast(cfg, x.device):
+            loss = model(x, cfg.mask_ratio)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        self.add(raw, rng)
+        return (loss, loss, torch.zeros_like(loss)), lam, 1.0
+
+    def add(self, raw, rng):
+        """Reservoir sampling: the i-th image seen goes to slot i while the buffer fills, then to a uniform slot
+        of [0, i] if that is < M (each image seen so far stays with probability M / seen)."""
+        m = self.cfg.memory_size
+        if self.tiles is None:
+            self.tiles = torch.zeros((m, *raw.shape[1:]), dtype=torch.uint8, device=raw.device)
+        seen = self.seen + np.arange(len(raw))
+        slot = np.where(seen < m, seen, rng.integers(0, seen + 1))
+        keep = np.flatnonzero(slot < m)
+        _, last = np.unique(slot[keep][::-1], return_index=True)  # a slot drawn twice keeps the later image
+        keep = keep[::-1][last]
+        self.tiles[torch.from_numpy(slot[keep]).to(raw.device)] = raw[torch.from_numpy(keep).to(raw.device)]
+        self.seen += len(raw)
+
+    def state_dict(self):
+        return {"tiles": self.tiles, "seen": torch.tensor(self.seen)} if self.tiles is not None else {}
+
+    def load_state_dict(self, sd):
+        self.tiles, self.seen = sd.get("tiles"), int(sd.get("seen", 0))
+        self.tiles = self.tiles.to(self.cfg.device) if self.tiles is not None else None
+
+
+BASELINES = {"er": ER, "ewc": EWC, "der": DER, "lump": LUMP, "pfr": PFR}
 
 
 def make(cfg: BaselineConfig):
-    """The baseline object of cfg.method, or None for cosmae / finetune / lump (cosmae.py's own path)."""
+    """The baseline object of cfg.method, or None for cosmae / finetune (cosmae.py's own path)."""
     return BASELINES[cfg.method](cfg) if cfg.method in BASELINES else None
 
 
 def main(argv=None):
-    cosmae.main(argv, BaselineConfig, resolve, make)
+    runner.main(argv, BaselineConfig, resolve, cosmae.train, cosmae.MODELS, make, eval_mlknn.Evaluation)
 
 
 if __name__ == "__main__":

@@ -12,28 +12,39 @@ The paper reports micro-averaged mean average precision (micro mAP, %) without s
 Both kinds are computed everywhere:
     posterior  the ML-kNN posteriors P(H1 | E) are ranked (the proper reading of mAP);
     binary     the 0/1 MAP decisions are ranked (what toolkits whose predict() returns decisions give).
-Only the binary kind can be set beside the paper's Table II: on the real UCMerced a random-init ViT-B/16 gives
-about 70 micro mAP of the posterior kind, above every row of Table II, and about 48 of the binary kind, just
-under the paper's 49.11 after task 1 (README, "Which mAP the paper reports").
+Only the binary kind can be set beside the paper's Tables I and II (README, "Which mAP the paper reports").
 
-This file imports nothing of cosmae.py (cosmae.py imports it): it sees features, labels and result rows.
+The evaluation functions see features, labels and models; they import nothing of cosmae.py. Only the command
+line below imports it, to build the encoder of a run or a checkpoint.
 
-Run (tables of finished runs, read from their eval.json):
-    python eval_mlknn.py runs/cosmae                              # one run
+Run:
+    python eval_mlknn.py runs/cosmae                              # the tables of a finished run (its eval.json)
     python eval_mlknn.py runs/*/seed* --table-out table.md        # methods × seeds: mean ± std
+    python eval_mlknn.py runs/cosmae --ucmerced DATA/UCMerced_LandUse   # evaluate the init and every task
+                                                                  # checkpoint on UCMerced (no training data needed)
+    python eval_mlknn.py mae_pretrain_vit_base.pth --ucmerced DATA/UCMerced_LandUse   # one checkpoint
+    python eval_mlknn.py --model vit_base --ucmerced DATA/UCMerced_LandUse            # a random-init encoder
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
+import os
 import sys
+import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.metrics import average_precision_score
 from sklearn.neighbors import NearestNeighbors
 
+import rs_data
+import runner
 from rs_data import DataError, atomic_write
 
 K, SMOOTHING = 10, 1.0  # the paper's k; Laplace smoothing s = 1 as in Zhang & Zhou
@@ -92,6 +103,64 @@ def evaluate_features(f_train, y_train, f_test, y_test, count_self: bool = False
                 macro_binary=binary["macro"], skipped=posterior["skipped"])
 
 
+# --- A frozen encoder: its features, and Eq. (1) on held-out tiles ------------------------------------------------
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA (as the training), nothing on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
+
+
+def device_tiles(tiles, device) -> torch.Tensor:
+    """uint8 tiles (a numpy array, a read-only memory map: copied, or a tensor) → a tensor on `device`."""
+    return (tiles if torch.is_tensor(tiles) else torch.from_numpy(np.array(tiles))).to(device)
+
+
+@torch.no_grad()
+def extract_features(model, tiles, pool: str = "mean", device="cpu", amp: bool = True,
+                     batch_size: int = 256) -> np.ndarray:
+    """Frozen features c of uint8 tiles [n, 3, S, S] (resized to the model's size, normalised, no augmentation,
+    unmasked; model: cosmae.MAE) → float32 [n, D]."""
+    was_training, out, dev = model.training, [], torch.device(device)
+    model.eval()
+    for i in range(0, len(tiles), batch_size):
+        b = device_tiles(tiles[i:i + batch_size], dev)
+        with autocast(dev, amp):
+            out.append(model.encode(rs_data.augment(b, model.grid * model.p, None), pool).float().cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def reconstruct(model, tiles, mask_ratio: float = 0.75, device="cpu", amp: bool = True, show: int = 2,
+                seed: int = 0, batch_size: int = 256):
+    """Eq. (1) on uint8 tiles (plain resize; masks drawn from `seed`, so every call masks the same patches) →
+    (mean loss, uint8 [H, 3·show·W, 3] picture of the first `show` tiles: original | masked | reconstruction)."""
+    total, panel, was_training, dev = 0.0, None, model.training, torch.device(device)
+    model.eval()
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i in range(0, len(tiles), batch_size):
+            x = rs_data.augment(device_tiles(tiles[i:i + batch_size], dev), model.grid * model.p, None)
+            with autocast(dev, amp):
+                loss, pred, mask, _ = model(x, mask_ratio)
+            total += float(loss) * len(x)
+            panel = panel if panel is not None else picture(model, x[:show], pred[:show].float(), mask[:show])
+    model.train(was_training)
+    return total / len(tiles), panel
+
+
+def picture(model, x, pred, mask) -> np.ndarray:
+    """MAE's visualisation: original, masked input, reconstruction with the visible patches pasted back, side
+    by side → uint8 [H, 3·N·W, 3]. x [N, 3, H, W] normalised, pred [N, L, p²·3], mask [N, L]."""
+    patches, mask = model.patchify(x), mask[..., None]
+    if model.norm_pix_loss:  # the prediction is in per-patch normalised units: undo it with the patch's statistics
+        pred = pred * (patches.var(-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(-1, keepdim=True)
+    views = [x, model.unpatchify(patches * (1 - mask)), model.unpatchify(patches * (1 - mask) + pred * mask)]
+    img = torch.cat([v for triple in zip(*views) for v in triple], 2)
+    img = img * rs_data.STD[0].to(x.device) + rs_data.MEAN[0].to(x.device)
+    return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
 # --- One evaluation point: the row of eval.json ----------------------------------------------------------------
 
 def evaluation_row(data: dict, features, reconstruct, count_self: bool = False) -> tuple:
@@ -112,9 +181,9 @@ def evaluation_row(data: dict, features, reconstruct, count_self: bool = False) 
 
 def row_line(row: dict) -> str:
     """One printed line of a row."""
-    per = " ".join(f"{v:.1f}" for v in row["per_task"] or [])
-    return (f"micro mAP {row['micro']:.2f} (of 0/1 decisions {row['micro_binary']:.2f})" + (f" | per task {per}" if per
-            else "") + " | Eq. (1) per task " + " ".join(f"{v:.3f}" for v in row["rec_loss"]))
+    per, rec = " ".join(f"{v:.1f}" for v in row["per_task"] or []), " ".join(f"{v:.3f}" for v in row["rec_loss"] or [])
+    return (f"micro mAP {row['micro']:.2f} (of 0/1 decisions {row['micro_binary']:.2f})"
+            + (f" | per task {per}" if per else "") + (f" | Eq. (1) per task {rec}" if rec else ""))
 
 
 def save_picture(path: Path, pictures: list, scale: int = 0):
@@ -125,6 +194,96 @@ def save_picture(path: Path, pictures: list, scale: int = 0):
     scale = scale or max(1, 256 // pictures[0].shape[0])
     im = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
     atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
+
+
+UCMERCED, SYNTHETIC = "UCMerced (800 test images)", "the synthetic multi-label set"  # eval_set of a row
+
+
+def merge_row(rows: list, row: dict) -> list:
+    """eval.json rows with `row` in place of the row of the same evaluation set and task, sorted."""
+    keep = [r for r in rows if (r.get("eval_set"), r["task"]) != (row["eval_set"], row["task"])]
+    return sorted(keep + [row], key=lambda r: (r.get("eval_set", ""), r["task"]))
+
+
+class Evaluation:
+    """The evaluation of a run before task 1 and after every task (paper §III-B; a callback of runner.Run): one
+    row of eval.json per evaluation point (ML-kNN on the multi-label set, both mAP kinds; A[t][·] on synthetic
+    tasks; R[t][·]), a picture of the masked reconstructions, and at the end the tables, forgetting and BWT."""
+
+    def __init__(self, cfg, reconstructions: bool = True):
+        self.cfg, self.source, self.data = cfg, UCMERCED if cfg.ucmerced else SYNTHETIC, None
+        self.reconstructions = reconstructions  # False: ML-kNN only (no task data needed, no R, no pictures)
+
+    def prepare(self, run, model):
+        """Read the evaluation sets (before config.json: a bad --ucmerced leaves no run behind)."""
+        cfg = self.cfg
+        size = rs_data.tile_size(cfg.tasks, model.grid * model.p)
+        if self.reconstructions:
+            self.data = rs_data.evaluation_sets(cfg.tasks, size, cfg.ucmerced, cfg.data_root, cfg.cache_dir,
+                                                cfg.treesat_resize)
+        else:
+            main = rs_data.ucmerced_splits(cfg.ucmerced, cfg.cache_dir) if cfg.ucmerced else \
+                rs_data.synthetic_eval_set(size, cfg.tasks)
+            self.data = dict(main=main, own=None, held_out=[])
+        self.rows = read_rows(run.out)
+
+    def start(self, run, model):
+        """Evaluate the random init and the finished tasks that have no row on this evaluation set (a resume after
+        a crash in an evaluation, or a finished run rerun with another --ucmerced)."""
+        have = {r["task"] for r in self.rows
+                if r.get("eval_set") == self.source and (r.get("rec_loss") or not self.reconstructions)}
+        if 0 not in have:
+            self.evaluate(run, 0, "init", model)
+        for t, name, path, *_ in run.finished:
+            if t not in have:
+                done = copy.deepcopy(model)
+                done.load_state_dict(runner.load_checkpoint(path)["model"])
+                self.evaluate(run, t, name, done)
+
+    def task_end(self, run, t, model):
+        self.evaluate(run, t, self.cfg.tasks[t - 1], model)
+
+    def evaluate(self, run, t: int, name: str, model):
+        if not run.main:
+            return
+        cfg, t0, run.at = self.cfg, time.time(), f"while evaluating after task {t}"
+        row, panels = evaluation_row(self.data, lambda x: extract_features(model, x, cfg.pool, cfg.device, cfg.amp),
+                                     lambda x: reconstruct(model, x, cfg.mask_ratio, cfg.device, cfg.amp),
+                                     cfg.mlknn_count_self)
+        row = dict(task=t, name=name, eval_set=self.source, **row)
+        row["rec_loss"] = row["rec_loss"] or None  # none computed: no task data (python eval_mlknn.py RUN ...)
+        if panels:
+            save_picture(run.out / f"reconstructions_T{t}.png", panels)
+        self.rows = merge_row(self.rows, row)
+        run.write("eval.json", self.rows)
+        print(f"eval after {name} ({time.time() - t0:.0f}s): {row_line(row)}", flush=True)
+
+    def end(self, run):
+        """The tables of the run; final average mAP, forgetting and BWT into summary.json."""
+        if not run.main:
+            return
+        rows = [r for r in self.rows if r.get("eval_set") == self.source]
+        result = dict(label=self.cfg.method, tasks=self.cfg.tasks, rows=rows, eval_set=self.source,
+                      train_seconds=run.summary.get("train_seconds"))
+        print(report([result]))
+        print(f"\npictures of the masked reconstructions after each task: {run.out}/reconstructions_T*.png")
+        if has_matrix(result):
+            run.summary.update(forgetting_bwt([r["per_task"] for r in rows]))
+            run.write("summary.json", run.summary)
+
+
+def read_rows(out) -> list:
+    """eval.json of a run folder ([] when absent); corrupt or of the wrong shape: one line, exit 2."""
+    path = Path(out) / "eval.json"
+    try:
+        rows = json.loads(path.read_text()) if path.exists() else []
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is corrupt ({e}); delete it and evaluate again (rerun the run's command, or "
+                        "python eval_mlknn.py RUN --ucmerced DIR)") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("task"), int) for r in rows):
+        raise DataError(f"{path}: expected a JSON list of rows, each with a 'task' number; delete it and evaluate "
+                        "again")
+    return rows
 
 
 # --- Continual-learning measures of an accuracy matrix ------------------------------------------------------
@@ -229,78 +388,184 @@ def run_table(run: dict, caption: str = "") -> str:
     return markdown(["encoder"] + list(KINDS.values()), rows, caption)
 
 
-def report(runs: list, source: str) -> str:
-    """Everything printed at the end of a run (one run) and by the CLI (several: mean ± std over seeds)."""
-    caption = f"\nmAP (%) of ML-kNN (k={K}) on {source} after each task"
+def report(runs: list) -> str:
+    """Everything printed at the end of a run (one run) and by the CLI (several: mean ± std over seeds). All runs
+    here share one evaluation set and one task list (report_all splits them)."""
+    caption = f"\nmAP (%) of ML-kNN (k={K}) on {runs[0]['eval_set']} after each task"
     if len(runs) == 1:
         parts = [run_table(runs[0], caption + ":"), STAR]
     else:
         parts = [format_table(runs, m, f"{caption}: {name} mAP") for m, name in KINDS.items()] + [STAR]
     for label, group in group_runs(runs).items():
         if any(has_matrix(r) for r in group):
-            parts.append(format_matrix(group, "per_task", f"\n{label}: accuracy matrix A[t][j] = micro mAP (%) of ML-kNN "
-                                                          "on task j's own images and labels, after task t:"))
+            parts.append(format_matrix(group, "per_task", f"\n{label}: accuracy matrix A[t][j] = micro mAP (%) of "
+                                                          "ML-kNN on task j's own images and labels, after task t:"))
         if any(r["rows"] and r["rows"][0].get("rec_loss") for r in group):
             parts.append(format_matrix(group, "rec_loss", f"\n{label}: reconstruction matrix R[t][j] = Eq. (1) on task "
                                                           "j's held-out tiles (fixed masks), after task t; label-free, "
                                                           "a rise down a column is forgetting:", digits=4))
     if any(has_matrix(r) for r in runs):
-        parts.append(forgetting_table(runs, "\nfrom A: final average mAP, average forgetting (Chaudhry et al. 2018) and "
-                                            "backward transfer (Lopez-Paz & Ranzato 2017), micro mAP points; forgetting "
-                                            "> 0 and BWT < 0: earlier tasks were forgotten"))
+        parts.append(forgetting_table(runs, "\nfrom A: final average mAP, average forgetting (Chaudhry et al. 2018) "
+                                            "and backward transfer (Lopez-Paz & Ranzato 2017), micro mAP points; "
+                                            "forgetting > 0 and BWT < 0: earlier tasks were forgotten"))
     return "\n".join(parts)
 
 
-# --- CLI: tables of finished runs --------------------------------------------------------------------------
+def report_all(runs: list) -> str:
+    """The reports of runs grouped by evaluation set and task list: what differs is never averaged together."""
+    groups = defaultdict(list)
+    for r in runs:
+        groups[(r["eval_set"], tuple(r["tasks"]))].append(r)
+    return "\n\n".join(report(g) for g in groups.values())
 
-NOT_TRAINING = ("out", "seeds", "device", "eval", "log_every", "save_every", "data_root", "cache_dir", "compile",
-                "ucmerced", "mlknn_count_self")  # settings that do not change what is trained: a resume may change them
+
+# --- CLI: tables of finished runs; evaluation of the checkpoints of runs, or of one checkpoint ------------------------
+
+def run_folders(paths: list) -> list:
+    """Run folders, each once: a folder of --seeds (OUT holding OUT/seed<s>) stands for its seed folders."""
+    folders = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise DataError(f"run folder {p} does not exist")
+        seeds = sorted(q for q in p.glob("seed*") if (q / "config.json").exists())
+        for q in ([p] if (p / "config.json").exists() or not seeds else seeds):
+            if q.resolve() not in [f.resolve() for f in folders]:
+                folders.append(q)
+    return folders
 
 
-def load_run(run_dir) -> dict:
-    """A run folder → {'label', 'tasks', 'rows', 'train_seconds', 'config'}. The label names the method and the
-    Table I switches; runs with the same label are seeds of one configuration."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise DataError(f"run folder {run_dir} does not exist")
+def read_json(path: Path, kind):
     try:
-        config = json.loads((run_dir / "config.json").read_text())
-        rows = json.loads((run_dir / "eval.json").read_text())
-        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    except FileNotFoundError as e:
-        raise DataError(f"{run_dir} is not an evaluated run folder (no {Path(e.filename).name}); rerun its "
-                        "cosmae.py command with --eval to evaluate its task checkpoints") from None
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path.parent} is not a run folder of cosmae.py or baselines.py (no {path.name})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{run_dir}: a JSON file is corrupt ({e}); rerun its cosmae.py command to rewrite it") from None
+        raise DataError(f"{path} is corrupt ({e}); rerun the run's command to rewrite it") from None
+    if not isinstance(obj, kind):
+        raise DataError(f"{path} holds a {type(obj).__name__}, expected a JSON {kind.__name__}")
+    return obj
+
+
+def load_run(run_dir) -> list:
+    """A run folder → one entry per evaluation set in its eval.json: {'label', 'tasks', 'rows', 'eval_set',
+    'train_seconds', 'config', 'folder'}. The label names the method and the Table I switches; runs with the same
+    label are seeds of one configuration."""
+    run_dir = Path(run_dir)
+    config = read_json(run_dir / "config.json", dict)
+    if not isinstance(config.get("tasks"), list) or not isinstance(config.get("method"), str):
+        raise DataError(f"{run_dir / 'config.json'}: no 'method' and 'tasks'; rerun the run's command to rewrite it")
+    rows = read_rows(run_dir)
+    if not rows:
+        raise DataError(f"{run_dir} has no evaluation yet (no eval.json): rerun its command with --eval, or evaluate "
+                        f"its checkpoints on UCMerced: python eval_mlknn.py {run_dir} --ucmerced DIR")
+    summary = read_json(run_dir / "summary.json", dict) if (run_dir / "summary.json").exists() else {}
     label = config["method"]
     if config["method"] == "cosmae":
         off = [n for n in ("data_mixup", "model_mixup") if not config.get(n, True)]
         label += "".join(f" --no-{n.replace('_', '-')}" for n in off)
-    return dict(label=label, tasks=config["tasks"], rows=rows, train_seconds=summary.get("train_seconds"),
-                folder=run_dir, config={k: v for k, v in config.items() if k not in NOT_TRAINING + ("seed",)})
+    by_set = defaultdict(list)
+    for r in rows:
+        by_set[r.get("eval_set", "?")].append(r)
+    training = {k: v for k, v in config.items() if k not in runner.NOT_TRAINING + ("seed",)}
+    return [dict(label=label, tasks=config["tasks"], rows=sorted(rs, key=lambda r: r["task"]), eval_set=s,
+                 train_seconds=summary.get("train_seconds"), folder=run_dir, config=training)
+            for s, rs in by_set.items()]
+
+
+def run_config(run_dir: Path, device: str):
+    """The resolved cosmae.Config of a run folder (its config.json), on `device`."""
+    import cosmae  # the command line only: the encoder is cosmae.py's MAE
+    config = read_json(run_dir / "config.json", dict)
+    names = {f.name for f in dataclasses.fields(cosmae.Config)}
+    cfg = cosmae.Config(**{k: v for k, v in config.items() if k in names})
+    cfg.device = device
+    return cfg
+
+
+def evaluate_runs(folders: list, ucmerced: str, device: str):
+    """Evaluate the init and every finished task of each run on UCMerced (both mAP kinds) into its eval.json,
+    holding the run's lock; the training data need not be there (no reconstruction matrix)."""
+    import cosmae
+    for folder in folders:
+        cfg = cosmae.resolve(run_config(folder, device))
+        cfg.ucmerced, cfg.out = ucmerced, str(folder)
+        with runner.Run(cfg) as run:
+            if not run.finished and not (folder / "config.json").exists():
+                raise DataError(f"{folder} holds no finished task")
+            model = cosmae.build_model(cfg).to(cfg.device)
+            if cfg.init:
+                runner.load_init(model, cfg.init)
+            ev = Evaluation(cfg, reconstructions=False)
+            ev.prepare(run, model)
+            print(f"{folder}: evaluating the init and {len(run.finished)} task checkpoint(s) on {ev.source}")
+            ev.start(run, model)
+
+
+def evaluate_checkpoint(path: str, model_name: str, ucmerced: str, device: str) -> list:
+    """ML-kNN on UCMerced of one encoder: a checkpoint (this project's, or facebookresearch/mae's
+    mae_pretrain_vit_base.pth) or, path '', the random init of `model_name` → a table row."""
+    import cosmae
+    ck = runner.load_checkpoint(path, "check the path") if path else {}
+    settings = ck.get("settings") if isinstance(ck.get("settings"), dict) else {}
+    name = settings.get("model") or model_name
+    if name not in cosmae.MODELS:
+        raise DataError(f"--model {name}: must be one of {list(cosmae.MODELS)}")
+    cfg = cosmae.resolve(cosmae.Config(model=name, device=device, tasks=["us3d"], seed=settings.get("seed", 0)))
+    model = cosmae.build_model(cfg).to(cfg.device)
+    if path:
+        runner.load_init(model, path, what="checkpoint")
+    data = rs_data.ucmerced_splits(ucmerced)
+    row, _ = evaluation_row(dict(main=data, own=None, held_out=[]),
+                            lambda x: extract_features(model, x, cfg.pool, cfg.device, cfg.amp), None)
+    return [Path(path).name if path else f"{name} (random init, seed {cfg.seed})"] + [f"{row[k]:.2f}" for k in KINDS]
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Tables of CoSMAE runs: Table II layout (both mAP kinds), accuracy "
-                                            "and reconstruction matrices, forgetting and BWT; mean ± std over seeds.")
-    p.add_argument("runs", nargs="+", help="run folders (cosmae.py --out); runs that differ only by seed are averaged")
+    p = runner.ArgumentParser(description="Tables of CoSMAE runs (Table II layout, both mAP kinds, accuracy and "
+                                "reconstruction matrices, forgetting, BWT; mean ± std over seeds), and the ML-kNN "
+                                "evaluation on UCMerced of the checkpoints of runs or of one checkpoint.",
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("paths", nargs="*", help="run folders (cosmae.py --out; a --seeds folder = its seed folders), or "
+                   "checkpoint files (.pt/.pth)")
+    p.add_argument("--ucmerced", default="", help="UCMerced_LandUse folder: evaluate the init and every task "
+                   "checkpoint of the runs (or the checkpoint files) on it")
+    p.add_argument("--model", default="vit_base", help="the encoder of a checkpoint that does not record it (e.g. "
+                   "mae_pretrain_vit_base.pth); alone with --ucmerced: score its random init")
+    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--table-out", default="", help="also write the tables to this markdown file")
     args = p.parse_args(argv)
     try:
-        runs = [load_run(r) for r in args.runs]
-        for group in group_runs(runs).values():  # one label, several settings: tell them apart by folder
-            if any(r["config"] != group[0]["config"] for r in group):
-                for r in group:  # OUT/seed<s> folders of --seeds are named by OUT
-                    f = r["folder"]
-                    r["label"] += f" ({f.parent.name if f.name.startswith('seed') else f.name})"
+        if args.table_out:  # checked before the work
+            out = Path(args.table_out)
+            if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK) or \
+                    (out.exists() and not os.access(out, os.W_OK)):
+                raise DataError(f"--table-out {out}: cannot write a file there; name a file in a writable folder")
+        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+            ("cpu" if args.device == "auto" else args.device)
+        files = [x for x in args.paths if Path(x).is_file()]
+        if files or not args.paths:
+            if not args.ucmerced:
+                raise DataError("scoring a checkpoint (or a random init) needs --ucmerced DIR")
+            rows = [evaluate_checkpoint(f, args.model, args.ucmerced, device) for f in files or [""]]
+            text = markdown(["encoder"] + list(KINDS.values()), rows,
+                            f"mAP (%) of ML-kNN (k={K}) on {UCMERCED}:") + "\n" + STAR
+        else:
+            folders = run_folders(args.paths)
+            if args.ucmerced:
+                evaluate_runs(folders, args.ucmerced, device)
+            runs = [entry for f in folders for entry in load_run(f)]
+            for group in group_runs(runs).values():  # one label, several settings: tell them apart by folder
+                if any(r["config"] != group[0]["config"] for r in group):
+                    for r in group:  # OUT/seed<s> folders of --seeds are named by OUT
+                        f = r["folder"]
+                        r["label"] += f" ({f.parent.name if f.name.startswith('seed') else f.name})"
+            text = report_all(runs)
+        print(text)
+        if args.table_out:
+            atomic_write(Path(args.table_out), lambda tmp: tmp.write_text(text + "\n"))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    sources = {r["rows"][0].get("eval_set", "?") if r["rows"] else "?" for r in runs}
-    text = report(runs, " / ".join(sorted(sources)))
-    print(text)
-    if args.table_out:
-        Path(args.table_out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

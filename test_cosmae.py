@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q      (CPU, tiny configs)
 """
+import ast
 import json
 import math
 import re
@@ -19,6 +20,7 @@ import baselines
 import cosmae
 import eval_mlknn
 import rs_data
+import runner
 from cosmae import MAE, MODELS, Config, ReplayBuffer, mim_loss, mix_batch
 
 ROOT = Path(__file__).resolve().parent
@@ -32,9 +34,14 @@ def tiny_cfg(tmp_path, **kw) -> Config:
     return (baselines.resolve if cls is not Config else cosmae.resolve)(cls(**base))
 
 
-def tiny_train(cfg):
-    """cosmae.train with the baseline object of cfg.method (None for cosmae, finetune, lump)."""
-    return cosmae.train(cfg, baselines.make(cfg) if isinstance(cfg, baselines.BaselineConfig) else None)
+def train(cfg) -> dict:
+    """A run as `python cosmae.py` (or baselines.py) makes it, in process: its run folder (runner.Run), the
+    evaluation callback, the baseline object of cfg.method → {'model', 'checkpoints', 'eval'}."""
+    method = baselines.make(cfg) if isinstance(cfg, baselines.BaselineConfig) else None
+    with runner.Run(cfg, method, [eval_mlknn.Evaluation(cfg)] if cfg.eval else []) as run:
+        model = cosmae.train(cfg, run, method.step) if method else cosmae.train(cfg, run)
+    return dict(model=model, checkpoints=[p for _, _, p in runner.finished_tasks(cfg.out, cfg.tasks)],
+                eval=eval_mlknn.read_rows(cfg.out))
 
 
 @pytest.fixture
@@ -200,15 +207,19 @@ def test_teacher_endpoints_in_place_formula_and_no_gradients():
     assert [p.data_ptr() for p in teacher.mixed] == mixed_ptrs  # rebuilt in place, no new tensors
     assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
     assert not any(p.requires_grad for p in teacher.net.parameters())
-    x = torch.randn(4, 3, 32, 32)
-    proj = cosmae.make_projector(48, 16)
-    cfg = Config(model="vit_test", pool="mean")
-    loss, _, loss_mim = cosmae.cosmae_loss(student, proj, teacher, x, 0.5, cfg)
-    loss.backward()
-    assert loss_mim.item() != 0
+    proj = cosmae.make_projector(48, 16)  # one real CoSMAE step (lr 0: the weights stay, the gradients are kept)
+    cfg = cosmae.resolve(Config(model="vit_test", tasks=["synth_red"], lr=0.0))
+    buf = ReplayBuffer(8)
+    buf.add_task(1, np.random.default_rng(0).integers(0, 255, (8, 3, 37, 37), dtype=np.uint8), np.random.default_rng(0))
+    raw = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (4, 3, 37, 37), dtype=np.uint8))
+    (loss, _, loss_mim), _, lam2 = cosmae.train_step(student, proj, teacher, cosmae.make_optimizer(student, proj, cfg),
+                                                     raw, buf, np.random.default_rng(0), torch.Generator(), cfg, True)
+    assert loss_mim.item() != 0 and 0 <= lam2 <= 1
     assert all(p.grad is None for p in teacher.net.parameters())
     assert all(not v.requires_grad and v.grad is None for v in theta_prev.values())
     assert student.blocks[0].attn.qkv.weight.grad is not None and proj[0].weight.grad is not None
+    want = {k: lam2 * before[k] + (1 - lam2) * theta_prev[k] for k in theta_prev}  # the step's own teacher
+    assert all(torch.allclose(p, want[k], atol=1e-6) for k, p in teacher.net.named_parameters() if k in want)
 
 
 def test_buffer_is_balanced_across_past_tasks():
@@ -289,15 +300,15 @@ def test_task_eval_labels_are_the_elements_in_the_images(small_eval):
 def test_augment_crop_flip_and_plain_resize():
     tiles = torch.zeros(64, 3, 36, 36, dtype=torch.uint8)
     tiles[:, :, :, 18:] = 255  # left half black, right half white
-    x = cosmae.augment(tiles, 32, torch.Generator().manual_seed(0))
+    x = rs_data.augment(tiles, 32, torch.Generator().manual_seed(0))
     assert x.shape == (64, 3, 32, 32)
-    white = (1 - cosmae.MEAN[0, 0, 0, 0]) / cosmae.STD[0, 0, 0, 0]
+    white = (1 - rs_data.MEAN[0, 0, 0, 0]) / rs_data.STD[0, 0, 0, 0]
     right_white = x[:, 0, :, -1] > white - 0.05  # the right column white = not flipped
     left_white = x[:, 0, :, 0] > white - 0.05
     assert (right_white.all(1) ^ left_white.all(1)).all()  # every sample is either flipped or not
     assert 15 < right_white.all(1).sum() < 49  # about half flipped
-    plain = cosmae.augment(tiles[:2], 32, None)
-    want = (F.interpolate(tiles[:2].float() / 255, size=(32, 32), mode="bilinear", antialias=True) - cosmae.MEAN) / cosmae.STD
+    plain = rs_data.augment(tiles[:2], 32, None)
+    want = (F.interpolate(tiles[:2].float() / 255, size=(32, 32), mode="bilinear", antialias=True) - rs_data.MEAN) / rs_data.STD
     assert torch.allclose(plain, want, atol=1e-5)
 
 
@@ -337,7 +348,7 @@ def records(run):
 
 def test_train_two_tiny_tasks_writes_checkpoints_and_finite_losses(tmp_path):
     cfg = tiny_cfg(tmp_path)
-    result = cosmae.train(cfg)
+    result = train(cfg)
     names = [p.name for p in result["checkpoints"]]
     assert names == ["task1_synth_red.pt", "task2_synth_green.pt"]
     recs = records(tmp_path / "run")
@@ -358,23 +369,23 @@ def test_no_mixing_on_first_task(tmp_path, monkeypatch):
     calls = []
     real = cosmae.mix_batch
     monkeypatch.setattr(cosmae, "mix_batch", lambda *a: calls.append(1) or real(*a))
-    cosmae.train(tiny_cfg(tmp_path, tasks=["synth_red"]))
+    train(tiny_cfg(tmp_path, tasks=["synth_red"]))
     assert calls == []
-    cosmae.train(tiny_cfg(tmp_path, out=str(tmp_path / "two")))
+    train(tiny_cfg(tmp_path, out=str(tmp_path / "two")))
     assert len(calls) == 4  # every step of task 2: 32 images / batch 8
 
 
 def test_same_seed_same_weights_other_seed_differs(tmp_path):
-    a = cosmae.train(tiny_cfg(tmp_path, out=str(tmp_path / "a")))["checkpoints"][-1]
-    b = cosmae.train(tiny_cfg(tmp_path, out=str(tmp_path / "b")))["checkpoints"][-1]
-    c = cosmae.train(tiny_cfg(tmp_path, out=str(tmp_path / "c"), seed=1))["checkpoints"][-1]
+    a = train(tiny_cfg(tmp_path, out=str(tmp_path / "a")))["checkpoints"][-1]
+    b = train(tiny_cfg(tmp_path, out=str(tmp_path / "b")))["checkpoints"][-1]
+    c = train(tiny_cfg(tmp_path, out=str(tmp_path / "c"), seed=1))["checkpoints"][-1]
     ea, eb, ec = encoder_of(a), encoder_of(b), encoder_of(c)
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     assert not all(torch.equal(ea[k], ec[k]) for k in ea)
 
 
 def test_resume_after_interrupted_run_equals_uninterrupted_and_logs_each_step_once(tmp_path, monkeypatch):
-    full = cosmae.train(tiny_cfg(tmp_path, out=str(tmp_path / "full"), epochs=2, save_every=1, log_every=1))
+    full = train(tiny_cfg(tmp_path, out=str(tmp_path / "full"), epochs=2, save_every=1, log_every=1))
     real_step = torch.optim.AdamW.step
     count = {"n": 0}
 
@@ -386,9 +397,10 @@ def test_resume_after_interrupted_run_equals_uninterrupted_and_logs_each_step_on
 
     monkeypatch.setattr(torch.optim.AdamW, "step", crash_in_task2_epoch2)
     cfg = tiny_cfg(tmp_path, out=str(tmp_path / "cut/"), epochs=2, save_every=1, log_every=1)  # the same folder
-    with pytest.raises(KeyboardInterrupt) as e:
-        cosmae.train(cfg)
-    assert e.value.args == ("in task 2 (synth_green), epoch 2, step 6",)
+    run = runner.Run(cfg)
+    with pytest.raises(KeyboardInterrupt), run:
+        cosmae.train(cfg, run)
+    assert run.where == "in task 2 (synth_green), epoch 2, step 6"
     run = tmp_path / "cut"
     assert (run / "task1_synth_red.pt").exists() and not (run / "task2_synth_green.pt").exists()
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
@@ -396,7 +408,7 @@ def test_resume_after_interrupted_run_equals_uninterrupted_and_logs_each_step_on
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"task": 2, "st')  # and a record torn by the crash
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    resumed = cosmae.train(tiny_cfg(tmp_path, out=str(tmp_path / "cut"), epochs=2, save_every=1, log_every=1))
+    resumed = train(tiny_cfg(tmp_path, out=str(tmp_path / "cut"), epochs=2, save_every=1, log_every=1))
     e_full, e_cut = encoder_of(full["checkpoints"][-1]), encoder_of(resumed["checkpoints"][-1])
     assert all(torch.equal(e_full[k], e_cut[k]) for k in e_full)
     assert not (run / "last.pt").exists()
@@ -405,19 +417,19 @@ def test_resume_after_interrupted_run_equals_uninterrupted_and_logs_each_step_on
 
 
 def test_resume_refuses_another_training_configuration_not_another_path_spelling(tmp_path):
-    cosmae.train(tiny_cfg(tmp_path, tasks=["synth_red"]))
-    with pytest.raises(cosmae.DataError, match="other settings.*beta"):
-        cosmae.train(tiny_cfg(tmp_path, tasks=["synth_red"], beta=0.5))
-    again = tiny_cfg(tmp_path, tasks=["synth_red"], out=str(tmp_path / "run") + "/", log_every=5, data_root="x")
-    assert again.out == str(tmp_path / "run")
-    cosmae.train(again)  # finished: nothing to do, but accepted
+    train(tiny_cfg(tmp_path, tasks=["synth_red"]))
+    with pytest.raises(rs_data.DataError, match="other settings.*beta"):
+        train(tiny_cfg(tmp_path, tasks=["synth_red"], beta=0.5))
+    train(tiny_cfg(tmp_path, tasks=["synth_red"], log_every=5, data_root="x"))  # finished: nothing to do, accepted
+    cosmae.main(TINY + ["--tasks", "synth_red", "--out", str(tmp_path / "run") + "/", "--warmup-epochs", "0.5"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["out"] == str(tmp_path / "run")
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "task1_x.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(cosmae.DataError, match="corrupt"):
-        cosmae.load_checkpoint(bad)
+    with pytest.raises(rs_data.DataError, match="corrupt"):
+        runner.load_checkpoint(bad)
 
 
 @pytest.mark.parametrize("cli", [cosmae.main, baselines.main, eval_mlknn.main])
@@ -437,9 +449,9 @@ def test_unknown_task_name_exits_2_with_message(capsys):
 
 def test_seeds_flag_runs_one_folder_per_seed(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(cosmae, "train", lambda cfg, baseline: seen.append((cfg.seed, cfg.out, baseline)))
+    monkeypatch.setattr(cosmae, "train", lambda cfg, run: seen.append((cfg.seed, cfg.out, str(run.out))))
     cosmae.main(["--tasks", "synth_red", "--seeds", "0", "2", "--out", str(tmp_path / "r")])
-    assert seen == [(0, f"{tmp_path}/r/seed0", None), (2, f"{tmp_path}/r/seed2", None)]
+    assert seen == [(0, f"{tmp_path}/r/seed0", f"{tmp_path}/r/seed0"), (2, f"{tmp_path}/r/seed2", f"{tmp_path}/r/seed2")]
 
 
 # --- evaluation after every task: both mAP kinds, accuracy matrix A, reconstruction matrix R, pictures -------
@@ -459,7 +471,7 @@ def test_forgetting_and_bwt_of_a_hand_checkable_matrix():
 
 def test_run_evaluates_every_task_both_map_kinds_matrices_and_pictures(tmp_path, small_eval):
     cfg = tiny_cfg(tmp_path, eval=True, tasks=["synth_red", "synth_green", "synth_blue"])
-    rows = cosmae.train(cfg)["eval"]
+    rows = train(cfg)["eval"]
     assert [r["task"] for r in rows] == [0, 1, 2, 3]
     for r in rows:
         assert {"micro", "macro", "micro_binary", "macro_binary"} <= set(r)
@@ -472,7 +484,7 @@ def test_run_evaluates_every_task_both_map_kinds_matrices_and_pictures(tmp_path,
     for t in range(4):
         w, h = Image.open(tmp_path / "run" / f"reconstructions_T{t}.png").size
         assert h == 3 * 32 * 8 and w == 6 * 32 * 8  # a row per task, 2 × (original, masked, reconstruction)
-    again = cosmae.train(tiny_cfg(tmp_path, eval=True, tasks=["synth_red", "synth_green", "synth_blue"],
+    again = train(tiny_cfg(tmp_path, eval=True, tasks=["synth_red", "synth_green", "synth_blue"],
                                   out=str(tmp_path / "again")))["eval"]
     assert [r["rec_loss"] for r in again] == [r["rec_loss"] for r in rows]  # R is reproducible under a seed
 
@@ -481,27 +493,27 @@ def test_reconstruction_loss_uses_fixed_masks(small_eval):
     cfg = cosmae.resolve(Config(model="vit_test", device="cpu"))
     model, tiles = cosmae.build_model(cfg), rs_data.synth_task("synth_red", 10, 37, 0)[0]
     torch.manual_seed(1)
-    a = cosmae.reconstruct(model, tiles, cfg)
+    a = eval_mlknn.reconstruct(model, tiles, cfg.mask_ratio)
     torch.manual_seed(2)  # whatever the global RNG: the same masks
-    b = cosmae.reconstruct(model, tiles, cfg)
+    b = eval_mlknn.reconstruct(model, tiles, cfg.mask_ratio)
     assert a[0] == b[0] and np.array_equal(a[1], b[1]) and a[1].shape == (32, 6 * 32, 3)
-    assert cosmae.reconstruct(model, tiles, cfg, seed=5)[0] != a[0]
+    assert eval_mlknn.reconstruct(model, tiles, cfg.mask_ratio, seed=5)[0] != a[0]
 
 
 def test_a_rerun_with_eval_fills_the_missing_rows(tmp_path, small_eval):
-    cosmae.train(tiny_cfg(tmp_path))  # trained without evaluation
-    rows = cosmae.train(tiny_cfg(tmp_path, eval=True))["eval"]  # the same run, rerun with --eval
+    train(tiny_cfg(tmp_path))  # trained without evaluation
+    rows = train(tiny_cfg(tmp_path, eval=True))["eval"]  # the same run, rerun with --eval
     assert [r["task"] for r in rows] == [0, 1, 2]
-    fresh = cosmae.train(tiny_cfg(tmp_path, eval=True, out=str(tmp_path / "fresh")))["eval"]
+    fresh = train(tiny_cfg(tmp_path, eval=True, out=str(tmp_path / "fresh")))["eval"]
     for a, b in zip(rows, fresh):
         assert math.isclose(a["micro"], b["micro"]) and a["rec_loss"] == pytest.approx(b["rec_loss"])
 
 
 # --- Table II baselines: cosmae.py's switches and baselines.py ----------------------------------------------
 
-@pytest.mark.parametrize("method", ["cosmae", "finetune", "lump", "er", "ewc", "der", "pfr"])
+@pytest.mark.parametrize("method", ["cosmae", "finetune", "er", "ewc", "der", "lump", "pfr"])
 def test_each_method_runs_two_tiny_tasks_with_finite_losses(tmp_path, method):
-    res = tiny_train(tiny_cfg(tmp_path, method=method, out=str(tmp_path / method)))
+    res = train(tiny_cfg(tmp_path, method=method, out=str(tmp_path / method)))
     recs = records(tmp_path / method)
     assert len(res["checkpoints"]) == 2 and all(math.isfinite(r["loss/total"]) for r in recs)
     t2 = [r for r in recs if r["task"] == 2]
@@ -518,12 +530,11 @@ def test_baselines_cli_runs_a_row_and_cosmae_has_no_baseline_code(tmp_path, caps
     baselines.main(["--method", "er", "--tasks", "synth_red", "synth_green", "--model", "vit_test", "--epochs", "1",
                     "--batch-size", "8", "--synth-train", "32", "--memory-size", "20", "--no-eval", "--device", "cpu",
                     "--out", str(tmp_path / "er")])
-    assert json.loads((tmp_path / "er" / "config.json").read_text())["replay_batch"] == 1  # ⌈8/32⌉
-    import ast
+    assert json.loads((tmp_path / "er" / "config.json").read_text())["replay_batch"] == 1  # ⌈0.045·8⌉
     tree = ast.parse(Path(cosmae.__file__).read_text())
     names = {getattr(n, k) for n in ast.walk(tree) for k in ("id", "attr", "name", "arg")
              if isinstance(getattr(n, k, None), str)}
-    assert not [n for n in names if re.search(r"ewc|pfr|^der($|_)|replay_batch|fisher", n.lower())]  # no baseline in the method
+    assert not [n for n in names if re.search(r"ewc|pfr|^der($|_)|lump|reservoir|replay_batch|fisher", n.lower())]
     code = "import sys, cosmae; assert 'baselines' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
@@ -531,13 +542,14 @@ def test_baselines_cli_runs_a_row_and_cosmae_has_no_baseline_code(tmp_path, caps
 def test_method_switches_match_table_one_and_two():
     cfg = lambda **kw: cosmae.resolve(Config(model="vit_test", **kw))
     assert (cfg(method="finetune").data_mixup, cfg(method="finetune").model_mixup) == (False, False)
-    assert (cfg(method="lump").data_mixup, cfg(method="lump").model_mixup) == (True, False)
+    assert (cfg(model_mixup=False).data_mixup, cfg(model_mixup=False).model_mixup) == (True, False)  # Table I
     ablation = cfg(data_mixup=False)  # Table I row "model-mixup KD only"
     assert not ablation.data_mixup and ablation.model_mixup
-    for m in ("er", "ewc", "der", "pfr"):  # the other rows: their own terms, none of CoSMAE's
+    for m in ("er", "ewc", "der", "lump", "pfr"):  # the other rows: their own terms, none of CoSMAE's
         b = baselines.resolve(baselines.BaselineConfig(model="vit_test", method=m))
         assert not b.data_mixup and not b.model_mixup
-    assert baselines.resolve(baselines.BaselineConfig(method="der", batch_size=128)).replay_batch == 13  # ⌈128/10⌉
+    replay = lambda m: baselines.resolve(baselines.BaselineConfig(method=m, batch_size=128)).replay_batch
+    assert (replay("er"), replay("der")) == (6, 18)  # ⌈0.045·128⌉, ⌈0.14·128⌉
 
 
 def test_ewc_penalty_zero_at_anchor_and_grows_with_distance(tmp_path):
@@ -563,21 +575,21 @@ def test_ewc_penalty_zero_at_anchor_and_grows_with_distance(tmp_path):
 
 def test_er_batches_hold_buffer_images_only_from_task_two(tmp_path, monkeypatch):
     sizes = []
-    real = cosmae.cosmae_loss
-    monkeypatch.setattr(cosmae, "cosmae_loss", lambda m, p, t, x, *a: sizes.append(len(x)) or real(m, p, t, x, *a))
-    tiny_train(tiny_cfg(tmp_path, method="er", replay_batch=3))
+    real = cosmae.augment
+    monkeypatch.setattr(cosmae, "augment", lambda tiles, *a: sizes.append(len(tiles)) or real(tiles, *a))
+    train(tiny_cfg(tmp_path, method="er", replay_batch=3))
     assert sizes == [8] * 4 + [11] * 4  # task 1: the batch alone; task 2: + 3 buffer images
 
 
 def test_der_stored_features_equal_encoder_features_at_storage_time(tmp_path):
     cfg = tiny_cfg(tmp_path, method="der")
-    res = tiny_train(cfg)
+    res = train(cfg)
     ck1, ck2 = (torch.load(p, weights_only=True) for p in res["checkpoints"])
     model = cosmae.build_model(cfg)
     model.load_state_dict(ck1["model"])  # the encoder right after task 1, when task 1's images were stored
-    feats = cosmae.extract_features(model, ck1["buffer"]["task1"], cfg)
-    assert np.allclose(ck1["baseline"]["feats1"].numpy(), feats, atol=1e-5)
-    assert torch.equal(ck2["baseline"]["feats1"], ck1["baseline"]["feats1"])  # kept, not recomputed
+    feats = eval_mlknn.extract_features(model, ck1["buffer"]["task1"], cfg.pool, cfg.device)
+    assert np.allclose(ck1["method"]["feats1"].numpy(), feats, atol=1e-5)
+    assert torch.equal(ck2["method"]["feats1"], ck1["method"]["feats1"])  # kept, not recomputed
     assert len(ck2["buffer"]["task1"]) == 10  # the buffer keeps a prefix; DER uses the same prefix of its features
 
 
@@ -586,11 +598,11 @@ def test_pfr_loss_zero_for_identity_projector_and_equal_encoders():
     same = {k: v.clone() for k, v in student.state_dict().items() if cosmae.is_encoder_key(k)}
     teacher = cosmae.MixupTeacher(student, same)
     teacher.rebuild(0.0)  # PFR's teacher: e_{t−1}
-    assert abs(baselines.pfr_loss(g(student.encode(x)), teacher.encode(x, "mean")).item()) < 1e-6
+    assert abs(baselines.pfr_loss(g(student.encode(x)), teacher(x)).item()) < 1e-6
     other = {k: v + 0.1 * torch.randn_like(v) for k, v in same.items()}
     teacher = cosmae.MixupTeacher(student, other)
     teacher.rebuild(0.0)
-    assert baselines.pfr_loss(g(student.encode(x)), teacher.encode(x, "mean")).item() > 1e-3
+    assert baselines.pfr_loss(g(student.encode(x)), teacher(x)).item() > 1e-3
     p, z = torch.randn(5, 7), torch.randn(5, 7)  # 1 − mean cosine, by hand
     want = 1 - np.mean([float(p[i] @ z[i] / (p[i].norm() * z[i].norm())) for i in range(5)])
     assert math.isclose(baselines.pfr_loss(p, z).item(), want, rel_tol=1e-5)
@@ -604,40 +616,69 @@ def _ddp_worker(rank, world, port, cfg_kw, out):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     cfg = cosmae.resolve(Config(**cfg_kw))
-    cosmae.setup_distributed(cfg)
-    res = cosmae.train(cfg)
+    runner.setup_distributed(cfg)
+    res = train(cfg)
     torch.save(res["model"].state_dict(), f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_ranks_equal_weights_and_match_single_process(tmp_path):
+def free_port() -> int:
     import socket
-    import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_ddp_two_ranks_train_one_model_and_log_each_step_once(tmp_path):
+    """torchrun's path on CPU (gloo): the two processes end with the same weights; only process 0 writes."""
+    import torch.multiprocessing as mp
     kw = dict(tasks=["synth_red", "synth_green"], model="vit_test", epochs=1, batch_size=8, synth_train=32,
               memory_size=20, eval=False, log_every=1, device="cpu", warmup_epochs=0.5)
-    mp.spawn(_ddp_worker, args=(2, port, dict(kw, out=str(tmp_path / "ddp")), str(tmp_path)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, free_port(), dict(kw, out=str(tmp_path / "ddp")), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # the same encoder (and decoder) on both ranks
-    torch.set_num_threads(1)
-    single = cosmae.train(cosmae.resolve(Config(**kw, out=str(tmp_path / "single"))))["model"].state_dict()
-    ddp_log = [json.loads(x) for x in open(tmp_path / "ddp" / "metrics.jsonl")]
-    one_log = [json.loads(x) for x in open(tmp_path / "single" / "metrics.jsonl")]
-    assert len(ddp_log) == len(one_log) == 8 and ddp_log[-1]["loss/mim"] != 0
-    for a, b in zip(ddp_log, one_log):
-        for key in ("loss/total", "loss/rec", "loss/mim", "lam1", "lam2"):
-            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-5), (key, a, b)
-    assert all(torch.allclose(r0[k], single[k], atol=1e-4) for k in r0)
-    assert not (tmp_path / "ddp" / "rank1.pt").exists()
+    log = [json.loads(x) for x in open(tmp_path / "ddp" / "metrics.jsonl")]
+    assert [(r["task"], r["step"]) for r in log] == [(t, s) for t in (1, 2) for s in range(1, 5)]
+    assert log[-1]["loss/mim"] != 0 and all(math.isfinite(r["loss/total"]) for r in log)
+    assert (tmp_path / "ddp" / "task2_synth_green.pt").exists() and not (tmp_path / "ddp" / "rank1.pt").exists()
+
+
+def _gather_worker(rank, world, port, out):
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    runner.DIST.update(rank=rank, world=world)
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(2 * world, 6, generator=g), torch.randn(2 * world, 6, generator=g)  # the global batch
+    mine = z[2 * rank:2 * rank + 2].clone().requires_grad_()
+    loss = mim_loss(runner.gather(mine), runner.gather(t[2 * rank:2 * rank + 2]), 0.5)
+    loss.backward()
+    torch.save(dict(loss=loss.detach(), grad=mine.grad), f"{out}/gather{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_eq4_over_the_global_batch_under_torchrun():
+    """Each process's Eq. (4) is the loss of the whole global batch; its gradient on its own rows is W times the
+    single-process one (all_gather's backward sums the W identical losses), which DDP's mean over the W processes
+    turns back into the single-process gradient of the weights."""
+    import tempfile
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_gather_worker, args=(2, free_port(), out), nprocs=2)
+        got = [torch.load(f"{out}/gather{r}.pt", weights_only=True) for r in (0, 1)]
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(4, 6, generator=g).requires_grad_(), torch.randn(4, 6, generator=g)
+    loss = mim_loss(z, t, 0.5)
+    loss.backward()
+    assert all(torch.allclose(r["loss"], loss.detach()) for r in got)
+    assert torch.allclose(torch.cat([r["grad"] for r in got]), 2 * z.grad, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_run_with_evaluation_and_a_baseline(tmp_path, small_eval):
     """The bf16 autocast path end to end on a GPU: CoSMAE and DER steps, features, Eq. (1) per task, pictures."""
     for method in ("cosmae", "der"):
-        res = tiny_train(tiny_cfg(tmp_path, device="cuda", eval=True, method=method, out=str(tmp_path / method)))
+        res = train(tiny_cfg(tmp_path, device="cuda", eval=True, method=method, out=str(tmp_path / method)))
         assert all(math.isfinite(r["loss/total"]) for r in records(tmp_path / method))
         assert [r["task"] for r in res["eval"]] == [0, 1, 2] and all(len(r["rec_loss"]) == 2 for r in res["eval"])
         assert (tmp_path / method / "reconstructions_T2.png").exists()
@@ -649,7 +690,8 @@ def _three_steps(compile: bool):
     cfg = cosmae.resolve(Config(tasks=["synth_red"], model="vit_test", batch_size=8, device="cpu", compile=compile))
     model, proj = cosmae.build_model(cfg), cosmae.make_projector(48, 16)
     theta_prev = {k: v + 0.01 for k, v in model.state_dict().items() if cosmae.is_encoder_key(k)}
-    teacher = cosmae.MixupTeacher(model, theta_prev, compile)
+    teacher = cosmae.MixupTeacher(model, theta_prev)
+    teacher = torch.compile(teacher, dynamic=False) if compile else teacher
     net, opt = torch.compile(model) if compile else model, cosmae.make_optimizer(model, proj, cfg)
     buf = ReplayBuffer(8)
     buf.add_task(1, np.random.default_rng(0).integers(0, 255, (8, 3, 37, 37), dtype=np.uint8), np.random.default_rng(0))
@@ -750,7 +792,7 @@ def test_both_map_kinds_rank_posteriors_and_decisions():
     got = eval_mlknn.map_scores(y_true, scores)
     assert math.isclose(got["micro"], 100 * average_precision_score(y_true.ravel(), scores.ravel()))
     assert math.isclose(got["macro"], 100 * np.mean([average_precision_score(y_true[:, i], scores[:, i]) for i in (0, 1)]))
-    with pytest.raises(cosmae.DataError, match="non-finite features"):
+    with pytest.raises(rs_data.DataError, match="non-finite features"):
         eval_mlknn.evaluate_features(np.full((4, 2), np.nan), y[:4], x[:2], y[:2])
 
 
@@ -806,7 +848,8 @@ def test_eval_cli_tables_of_runs_and_seeds(tmp_path, capsys, small_eval):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as e:
         eval_mlknn.main([str(tmp_path / "empty")])
-    assert e.value.code == 2 and "not an evaluated run folder (no config.json)" in capsys.readouterr().err
+    assert e.value.code == 2 and "is not a run folder of cosmae.py or baselines.py (no config.json)" in \
+        capsys.readouterr().err
 
 
 def test_eval_file_does_not_import_the_method_file():
@@ -833,6 +876,9 @@ TINY = ["--tasks", "synth_red", "synth_green", "--model", "vit_test", "--epochs"
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "CUDA device"),
     (["--device", "tpu"], "--device tpu"), (["--model", "vit_huge"], "--model vit_huge"),
     (["--init", "/nonexistent/mae.pth"], "--init /nonexistent/mae.pth: must be an existing checkpoint file"),
+    (["--lr", "inf"], "--lr inf: must be a finite number"), (["--beta", "nan"], "--beta nan: must be a finite number"),
+    (["--mask-ratio=-inf"], "--mask-ratio -inf: must be a finite number"),
+    (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"), (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_a_bad_flag_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
@@ -859,14 +905,13 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_pa
     err = capsys.readouterr().err
     assert e.value.code == 2 and "non-finite" in err and "task 1 (synth_red)" in err and "Traceback" not in err
     assert not list((tmp_path / "bad").glob("*.pt"))  # no checkpoint of non-finite weights
-    run = cosmae.Run(tiny_cfg(tmp_path, out=str(tmp_path / "nan")))
-    run.start(None)
     model = tiny_model()
-    run.save(tmp_path / "nan" / "task1_x.pt", model, encoder=good)
-    with torch.no_grad():
-        model.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
-    with pytest.raises(cosmae.DataError, match="non-finite"):
-        run.save(tmp_path / "nan" / "task1_x.pt", model, encoder={})
+    with runner.Run(tiny_cfg(tmp_path, out=str(tmp_path / "nan"))) as run:
+        run.save(tmp_path / "nan" / "task1_x.pt", model, encoder=good)
+        with torch.no_grad():
+            model.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+        with pytest.raises(rs_data.DataError, match="non-finite"):
+            run.save(tmp_path / "nan" / "task1_x.pt", model, encoder={})
     assert all(torch.equal(good[k], v) for k, v in encoder_of(tmp_path / "nan" / "task1_x.pt").items())
 
 
@@ -909,11 +954,11 @@ def test_init_that_matches_nothing_is_an_error_and_a_partial_one_says_what_is_mi
 
 
 def test_json_files_are_atomic_and_a_corrupt_one_is_a_clear_error(tmp_path):
-    cosmae.train(tiny_cfg(tmp_path, tasks=["synth_red"]))
+    train(tiny_cfg(tmp_path, tasks=["synth_red"]))
     assert not list((tmp_path / "run").glob("*.tmp"))
     (tmp_path / "run" / "summary.json").write_text('{"completed": 1, "trai')  # a torn write of an older version
-    with pytest.raises(cosmae.DataError, match="summary.json is corrupt"):
-        cosmae.train(tiny_cfg(tmp_path, tasks=["synth_red"]))
+    with pytest.raises(rs_data.DataError, match="summary.json is corrupt"):
+        train(tiny_cfg(tmp_path, tasks=["synth_red"]))
 
 
 def test_cache_goes_to_the_user_cache_when_the_data_folder_is_read_only(tmp_path, monkeypatch):
@@ -930,7 +975,7 @@ def test_cache_goes_to_the_user_cache_when_the_data_folder_is_read_only(tmp_path
     monkeypatch.setattr(rs_data, "writable", lambda d: False)  # ... is used read-only once the folder is not
     monkeypatch.setattr(rs_data, "read_rgb", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
     assert rs_data.task_tiles("potsdam", tmp_path / "d", "train", log=logs.append).shape == (12, 3, 256, 256)
-    with pytest.raises(cosmae.DataError, match="no writable place for the tile cache.*--cache-dir"):
+    with pytest.raises(rs_data.DataError, match="no writable place for the tile cache.*--cache-dir"):
         rs_data.task_tiles("treesat", tmp_path / "d", "train", log=logs.append)
 
 
@@ -958,7 +1003,7 @@ def test_ucmerced_label_file_is_checked_row_by_row(tmp_path, row, message):
     path = tmp_path / "U" / "LandUse_Multilabeled.txt"
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[0], row] + lines[2:]) + "\n")
-    with pytest.raises(cosmae.DataError, match=re.escape(message)):
+    with pytest.raises(rs_data.DataError, match=re.escape(message)):
         rs_data.ucmerced_splits(tmp_path / "U", tmp_path / "c", log=lambda m: None)
 
 
@@ -1079,10 +1124,10 @@ def test_tiff_layouts_hwc_and_chw_and_wrong_bands_or_dtype(tmp_path):
                      photometric="minisblack", planarconfig="separate")
     for f in ("hwc.tif", "chw.tif"):
         assert rs_data.read_rgb(tmp_path / f).shape == (3, 16, 16) and rs_data.read_rgb(tmp_path / f)[2, 0, 0] == 3
-    with pytest.raises(cosmae.DataError, match="hwc.tif.*expected 8 bands"):
+    with pytest.raises(rs_data.DataError, match="hwc.tif.*expected 8 bands"):
         rs_data.read_rgb(tmp_path / "hwc.tif", bands=(4, 2, 1), n_bands=8, bits=11)
     tifffile.imwrite(tmp_path / "u16.tif", bands_image([1, 2, 3], 8, 8, np.uint16))
-    with pytest.raises(cosmae.DataError, match="u16.tif: dtype uint16, expected uint8"):
+    with pytest.raises(rs_data.DataError, match="u16.tif: dtype uint16, expected uint8"):
         rs_data.read_rgb(tmp_path / "u16.tif")
 
 
@@ -1096,18 +1141,18 @@ def test_lzw_tiff_without_imagecodecs_says_how_to_fix(tmp_path):
     tifffile.imwrite(path, bands_image([1, 2, 3], 8, 8, np.uint8))
     with tifffile.TiffFile(path, mode="r+b") as tif:  # relabel the (uncompressed) strips as LZW
         tif.pages[0].tags["Compression"].overwrite(5)
-    with pytest.raises(cosmae.DataError, match="lzw.tif.*pip install imagecodecs"):
+    with pytest.raises(rs_data.DataError, match="lzw.tif.*pip install imagecodecs"):
         rs_data.read_rgb(path)
 
 
 def test_data_errors_missing_empty_corrupt_unknown(tmp_path, capsys):
-    with pytest.raises(cosmae.DataError, match=r"us3d: no folder .*US3D.*JAX_\*_RGB.tif.*DataPort"):
+    with pytest.raises(rs_data.DataError, match=r"us3d: no folder .*US3D.*JAX_\*_RGB.tif.*DataPort"):
         rs_data.task_tiles("us3d", tmp_path, "train", tmp_path / "c")
     (tmp_path / "TreeSatAI" / "aerial" / "60m").mkdir(parents=True)
-    with pytest.raises(cosmae.DataError, match="treesat: no images found"):
+    with pytest.raises(rs_data.DataError, match="treesat: no images found"):
         rs_data.task_tiles("treesat", tmp_path, "train", tmp_path / "c")
     (tmp_path / "TreeSatAI" / "aerial" / "60m" / "bad.tif").write_bytes(b"II*\x00garbage")
-    with pytest.raises(cosmae.DataError, match="cannot read .*bad.tif"):
+    with pytest.raises(rs_data.DataError, match="cannot read .*bad.tif"):
         rs_data.task_tiles("treesat", tmp_path, "train", tmp_path / "c")
     with pytest.raises(SystemExit) as e:
         cosmae.main(["--tasks", "potsdam", "--data-root", str(tmp_path), "--out", str(tmp_path / "run")])
@@ -1165,7 +1210,8 @@ def test_end_to_end_four_fake_datasets_with_evaluation_on_fake_ucmerced(tmp_path
                  "--warmup-epochs", "0.5", "--device", "cpu", "--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert "T4 (treesat)" in out and "UCMerced" in out and "R[t][j]" in out and "A[t][j]" not in out
-    assert [p.name for _, _, p in cosmae.task_checkpoints(tmp_path / "run")][-1] == "task4_treesat.pt"
+    tasks = ["us3d", "uavid", "potsdam", "treesat"]
+    assert [p.name for _, _, p in runner.finished_tasks(tmp_path / "run", tasks)][-1] == "task4_treesat.pt"
     rows = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert len(rows) == 5 and all(r["per_task"] is None and len(r["rec_loss"]) == 4 for r in rows)  # no labels
     assert "final_avg_map" not in json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -1183,7 +1229,7 @@ def test_treesat_resize_instead_of_centre_crop(tmp_path):
     crop = rs_data.task_tiles("treesat", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
     full = rs_data.task_tiles("treesat", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None, treesat_resize=True)
     assert crop[:, 0].max() == 0 and full[:, 0, :10].min() > 150  # the strip: cut off, or kept (resized)
-    assert cosmae.parse_args(["--treesat-resize"]).treesat_resize
+    assert runner.parse_args(Config, ["--treesat-resize"]).treesat_resize
 
 
 def test_presets_paper_for_real_tasks_synthetic_otherwise_explicit_flags_win():
@@ -1192,22 +1238,344 @@ def test_presets_paper_for_real_tasks_synthetic_otherwise_explicit_flags_win():
     assert paper.norm_pix_loss is False  # the paper does not mention MAE's normalised target
     synth = cosmae.resolve(Config(warmup_epochs=0.0, epochs=2))
     assert (synth.model, synth.epochs, synth.warmup_epochs, synth.norm_pix_loss) == ("vit_tiny", 2, 0.0, True)
-    assert cosmae.resolve(cosmae.parse_args(["--no-norm-pix-loss"])).norm_pix_loss is False
-    assert cosmae.resolve(cosmae.parse_args(["--tasks", "us3d", "--norm-pix-loss"])).norm_pix_loss is True
+    assert cosmae.resolve(runner.parse_args(Config, ["--no-norm-pix-loss"])).norm_pix_loss is False
+    assert cosmae.resolve(runner.parse_args(Config, ["--tasks", "us3d", "--norm-pix-loss"])).norm_pix_loss is True
     assert MODELS["vit_base"] == dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                                       decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 
 def test_evaluating_a_task_again_replaces_its_row(tmp_path, monkeypatch):
     """A run that crashed in task 1 evaluates the random init again when resumed: one row per task."""
-    run = cosmae.Run(tiny_cfg(tmp_path, eval=True))
-    run.start(dict(main=None, own=None, held_out=[]))  # not read by the stubbed evaluation
+    cfg = tiny_cfg(tmp_path, eval=True)
     scores = iter([dict(micro=1.0, micro_binary=2.0), dict(micro=3.0, micro_binary=4.0), dict(micro=5.0, micro_binary=6.0)])
-    monkeypatch.setattr(eval_mlknn, "evaluation_row", lambda *a: (dict(next(scores), per_task=None, rec_loss=[]), []))
-    monkeypatch.setattr(eval_mlknn, "save_picture", lambda *a: None)
-    run.evaluate(0, "init", None)
-    run.evaluate(1, "synth_red", None)
-    run.evaluate(0, "init", None)
+    monkeypatch.setattr(eval_mlknn, "evaluation_row", lambda *a: (dict(next(scores), per_task=None, rec_loss=[1.0]), []))
+    with runner.Run(cfg) as run:
+        ev = eval_mlknn.Evaluation(cfg)
+        ev.rows = []
+        ev.evaluate(run, 0, "init", None)
+        ev.evaluate(run, 1, "synth_red", None)
+        ev.evaluate(run, 0, "init", None)
     rows = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert [(r["task"], r["micro"], r["micro_binary"]) for r in rows] == [(0, 5.0, 6.0), (1, 3.0, 4.0)]
-    assert cosmae.Run(tiny_cfg(tmp_path, eval=True)).eval_rows == rows  # and a resumed Run reads them back
+    assert eval_mlknn.read_rows(tmp_path / "run") == rows  # and a resumed run reads them back
+
+
+# --- the method file is the paper; the machinery lives beside it ---------------------------------------------------
+
+def project_imports(name: str) -> dict:
+    """{imported project module: 'module' (at the top of the file) or 'function' (inside a function)}."""
+    tree, found = ast.parse((ROOT / f"{name}.py").read_text()), {}
+    project = {p.stem for p in ROOT.glob("*.py")}
+    for node in ast.walk(tree):
+        mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        for m in mods:
+            if m.split(".")[0] in project:
+                where = "module" if node in tree.body or any(node in getattr(b, "body", []) for b in tree.body
+                                                           if isinstance(b, ast.Try)) else "function"
+                found[m.split(".")[0]] = "module" if found.get(m.split(".")[0]) == "module" else where
+    return found
+
+
+def test_method_file_is_the_paper_and_nothing_else():
+    """cosmae.py: at most 550 lines of at most 120 characters, and none of the run machinery (run folder,
+    checkpoint files, resume, metrics log, Ctrl-C, non-finite stops, flag checks, process groups)."""
+    src = (ROOT / "cosmae.py").read_text()
+    lines = src.splitlines()
+    assert len(lines) <= 550 and max(map(len, lines)) <= 120
+    tree = ast.parse(src)
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    machinery = {"json", "os", "sys", "Path", "open", "signal", "fcntl", "KeyboardInterrupt", "DataError", "DIST",
+                 "shard_rand", "all_mean", "Meter", "load_checkpoint", "save_torch", "enforce", "check_flags",
+                 "setup_distributed", "isfinite"}
+    assert not names & machinery, names & machinery
+    assert not attrs & {"save", "load", "compile", "_foreach_copy_", "_foreach_lerp_", "init_process_group",
+                        "DistributedDataParallel", "resume_task", "trim_metrics", "exit", "environ"}
+    modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
+        {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert modules <= {"__future__", "copy", "math", "contextlib", "dataclasses", "numpy", "torch", "eval_mlknn",
+                       "rs_data", "runner"}
+
+
+def test_no_import_circle_among_the_project_files():
+    """One allowed exception: eval_mlknn.py's command line builds the encoder with cosmae.py (inside a function)."""
+    files = [p.stem for p in ROOT.glob("*.py") if not p.stem.startswith("test_")]
+    graph = {f: project_imports(f) for f in files}
+    assert set(graph["runner"]) <= {"rs_data"} and set(graph["rs_data"]) == set()
+    assert graph["eval_mlknn"].get("cosmae") == "function" and "cosmae" not in [
+        m for m, where in graph["eval_mlknn"].items() if where == "module"]
+    edges = {f: {m for m in graph[f] if (f, m) != ("eval_mlknn", "cosmae")} for f in files}
+
+    def reaches(a, b, seen=()):
+        return any(m == b or (m not in seen and reaches(m, b, seen + (m,))) for m in edges.get(a, ()))
+    assert not [f for f in files if reaches(f, f)]
+
+
+def test_default_eq4_is_simclr_nt_xent():
+    assert Config().mim_form == "simclr"
+
+
+# --- LUMP (Madaan et al. 2022) as Table II's row ------------------------------------------------------------------
+
+def test_lump_reservoir_keeps_a_uniform_sample_of_the_stream():
+    """Reservoir sampling: after n images, each of them is in the buffer with probability M / n, whatever its
+    position in the stream (a FIFO or 'keep the first' buffer would not be)."""
+    cfg = baselines.resolve(baselines.BaselineConfig(method="lump", model="vit_test", tasks=["synth_red"],
+                                                     device="cpu", memory_size=50, batch_size=10))
+    kept = np.zeros(500)
+    for rep in range(40):
+        lump, rng = baselines.LUMP(cfg), np.random.default_rng(rep)
+        for i in range(0, 500, 10):
+            ids = np.arange(i, i + 10)
+            lump.add(torch.from_numpy(np.stack([ids // 256, ids % 256, ids * 0], 1).astype(np.uint8)).view(10, 3, 1, 1),
+                     rng)
+        got = lump.tiles[:, 0, 0, 0].long() * 256 + lump.tiles[:, 1, 0, 0].long()
+        assert lump.seen == 500 and len(set(got.tolist())) == 50
+        kept[got.numpy()] += 1
+    assert abs(kept[:250].sum() - kept[250:].sum()) < 0.25 * kept.sum()  # early and late images alike
+    assert 200 < np.mean(np.flatnonzero(kept).repeat(kept[kept > 0].astype(int))) < 300
+
+
+def test_lump_fills_its_reservoir_in_task_one_and_mixes_from_task_two(tmp_path):
+    res = train(tiny_cfg(tmp_path, method="lump", out=str(tmp_path / "lump")))
+    recs = records(tmp_path / "lump")
+    assert all(r["lam1"] == 1 for r in recs if r["task"] == 1)  # §III-D: task 1 as every method
+    assert any(r["lam1"] != 1 for r in recs if r["task"] == 2) and all(r["loss/mim"] == 0 for r in recs)
+    ck1, ck2 = (torch.load(p, weights_only=True) for p in res["checkpoints"])
+    assert int(ck1["method"]["seen"]) == 32 and int(ck2["method"]["seen"]) == 64  # the stream, every step
+    assert ck1["method"]["tiles"].shape[0] == 20  # M images, not balanced per task
+    data_mixup_only = train(tiny_cfg(tmp_path, model_mixup=False, out=str(tmp_path / "mixup_only")))
+    a, b = encoder_of(res["checkpoints"][-1]), encoder_of(data_mixup_only["checkpoints"][-1])
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # Table II's LUMP is not Table I's data-mixup-only row
+
+
+# --- eval_mlknn.py evaluates checkpoints: of runs, of one file, or a random init ---------------------------------
+
+def test_eval_cli_scores_the_checkpoints_of_a_run_whose_training_data_is_gone(tmp_path, capsys):
+    import shutil
+    make_datasets(tmp_path / "d")
+    make_ucmerced(tmp_path / "U")
+    run, ucm = tmp_path / "run", str(tmp_path / "U")
+    cosmae.main(["--tasks", "potsdam", "treesat", "--data-root", str(tmp_path / "d"), "--model", "vit_test",
+                 "--epochs", "1", "--batch-size", "2", "--warmup-epochs", "0.5", "--no-eval", "--device", "cpu",
+                 "--cache-dir", str(tmp_path / "c"), "--out", str(run)])
+    shutil.rmtree(tmp_path / "d")
+    shutil.rmtree(tmp_path / "c")
+    capsys.readouterr()
+    eval_mlknn.main([str(run), "--ucmerced", ucm])
+    out = capsys.readouterr().out
+    rows = json.loads((run / "eval.json").read_text())
+    assert [(r["task"], r["eval_set"]) for r in rows] == [(t, eval_mlknn.UCMERCED) for t in (0, 1, 2)]
+    assert all(r["rec_loss"] is None and 0 <= r["micro"] <= 100 and 0 <= r["micro_binary"] <= 100 for r in rows)
+    assert "T2 (treesat)" in out and "UCMerced" in out
+    eval_mlknn.main([str(run), "--ucmerced", ucm])  # evaluated: nothing again, the same rows
+    assert json.loads((run / "eval.json").read_text()) == rows
+    eval_mlknn.main([str(run / "task2_treesat.pt"), "--ucmerced", ucm])  # one task checkpoint
+    assert f"| task2_treesat.pt | {rows[2]['micro']:.2f} | {rows[2]['macro']:.2f} |" in capsys.readouterr().out
+    enc = torch.load(run / "task2_treesat.pt", weights_only=True)["encoder"]  # facebookresearch/mae's layout
+    torch.save({"model": enc}, tmp_path / "mae_pretrain.pth")
+    eval_mlknn.main([str(tmp_path / "mae_pretrain.pth"), "--ucmerced", ucm, "--model", "vit_test"])
+    assert f"| mae_pretrain.pth | {rows[2]['micro']:.2f} |" in capsys.readouterr().out
+    eval_mlknn.main(["--model", "vit_test", "--ucmerced", ucm])  # the floor: a random-init encoder
+    assert f"| vit_test (random init, seed 0) | {rows[0]['micro']:.2f} |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        eval_mlknn.main([str(tmp_path / "mae_pretrain.pth")])
+    assert e.value.code == 2 and "needs --ucmerced" in capsys.readouterr().err
+
+
+# --- a long run can be trusted: resume, lock, full disk, broken inputs ---------------------------------------
+
+def test_resume_trusts_only_this_runs_task_files_in_order(tmp_path, capsys):
+    three = dict(tasks=["synth_red", "synth_green", "synth_blue"])
+    full = train(tiny_cfg(tmp_path, **three, out=str(tmp_path / "full")))
+    cut = tmp_path / "cut"
+    train(tiny_cfg(tmp_path, **three, out=str(cut)))
+    import shutil
+    shutil.copy(cut / "task1_synth_red.pt", cut / "task1_synth_red_backup.pt")  # a copy kept by hand: never used
+    (cut / "task2_synth_green.pt").unlink()  # a middle checkpoint deleted: task 3 cannot stand in for it
+    capsys.readouterr()
+    again = train(tiny_cfg(tmp_path, **three, out=str(cut)))
+    out = capsys.readouterr().out
+    assert "ignoring files that are not this run's checkpoints: task1_synth_red_backup.pt" in out
+    assert "set aside as task3_synth_blue.pt.set_aside" in out and (cut / "task3_synth_blue.pt.set_aside").exists()
+    assert "resuming" in out and "tasks 1..1 already done" in out
+    a, b = encoder_of(full["checkpoints"][-1]), encoder_of(again["checkpoints"][-1])
+    assert all(torch.equal(a[k], b[k]) for k in a)  # tasks 2 and 3 trained again, as in one go
+    steps = [(r["task"], r["step"]) for r in records(cut)]
+    assert steps == [(r["task"], r["step"]) for r in records(tmp_path / "full")]
+
+
+def test_a_run_folder_without_config_json_is_still_checked_against_the_command(tmp_path):
+    train(tiny_cfg(tmp_path))
+    (tmp_path / "run" / "config.json").unlink()
+    with pytest.raises(rs_data.DataError, match=r"task1_synth_red.pt belongs to a run with other settings .*'lr'"):
+        train(tiny_cfg(tmp_path, lr=0.01))
+    with pytest.raises(rs_data.DataError, match=r"other settings .*'method'"):
+        train(tiny_cfg(tmp_path, method="finetune"))
+    train(tiny_cfg(tmp_path))  # the same command: accepted (finished)
+
+
+@pytest.mark.parametrize("case", ["not_a_checkpoint", "other_run", "other_model", "list"])
+def test_a_task_checkpoint_of_the_wrong_content_is_one_line_before_config_json(tmp_path, case, capsys):
+    train(tiny_cfg(tmp_path, out=str(tmp_path / "other")))
+    cosmae.main(TINY + ["--out", str(tmp_path / "run"), "--warmup-epochs", "0.5"])
+    (tmp_path / "run" / "task2_synth_green.pt").unlink()
+    path = tmp_path / "run" / "task1_synth_red.pt"
+    if case == "not_a_checkpoint":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif case == "other_run":  # task 1 of this run, task 2 copied from another run with the same settings
+        import shutil
+        shutil.copy(tmp_path / "other" / "task2_synth_green.pt", tmp_path / "run" / "task2_synth_green.pt")
+    elif case == "other_model":
+        ck = torch.load(path, weights_only=True)
+        ck["model"] = {k: v[..., :1] if v.ndim else v for k, v in ck["model"].items()}
+        torch.save(ck, path)
+    else:
+        torch.save([torch.zeros(1)], path)
+    (tmp_path / "run" / "config.json").unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cosmae.main(TINY + ["--out", str(tmp_path / "run"), "--warmup-epochs", "0.5"])
+    err = capsys.readouterr().err
+    want = {"not_a_checkpoint": "is not the checkpoint of task 1", "other_run": "does not continue the checkpoint",
+            "other_model": "its weights do not fit this model", "list": "holds a list"}[case]
+    assert e.value.code == 2 and want in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("config.json", "[1, 2]", "config.json holds a list, expected a JSON dict"),
+    ("eval.json", '{"task": 0}', "expected a JSON list of rows"),
+    ("metrics.jsonl", '{"task": 1, "step": 1}\n[1]\n{"task": 1, "step": 2}\n', "metrics.jsonl line 2 is not a "
+                                                                               "metrics record"),
+    ("summary.json", '"done"', "summary.json holds a str")])
+def test_hand_edited_json_of_the_wrong_shape_is_one_line(tmp_path, capsys, small_eval, name, content, message):
+    args = TINY + ["--out", str(tmp_path / "run"), "--eval", "--warmup-epochs", "0.5"]
+    cosmae.main(args)
+    (tmp_path / "run" / "task2_synth_green.pt").unlink()  # a resume that trains task 2 again reads every file
+    (tmp_path / "run" / name).write_text(content)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cosmae.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_out_that_cannot_be_written_is_refused_before_any_data_is_read(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(rs_data, "synth_task", lambda *a: (_ for _ in ()).throw(AssertionError("data read")))
+    (tmp_path / "file").write_text("x")
+    cases = [("", "--out : must be a run folder"), (str(tmp_path / "file"), "is a file; name a folder"),
+             (str(tmp_path / "file" / "sub"), "cannot be created or written")]
+    for out, message in cases:
+        with pytest.raises(SystemExit) as e:
+            cosmae.main(TINY + ["--out", out])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, (out, err)
+
+
+def run_cosmae(args, **kw):
+    return subprocess.run([sys.executable, "cosmae.py", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+def test_one_process_per_run_folder_and_the_os_frees_the_lock_of_a_killed_one(tmp_path):
+    cmd = [sys.executable, "-u", "cosmae.py", *TINY, "--epochs", "200", "--save-every", "1", "--log-every", "1",
+           "--out", str(tmp_path / "r")]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("task 1 synth_red | ep 2/"):
+                break
+        second = run_cosmae(cmd[3:], timeout=120)  # the same command again, while the first one trains
+        assert second.returncode == 2 and f"is in use by process {first.pid}" in second.stderr, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr
+    finally:
+        first.kill()  # SIGKILL: no cleanup of its own
+        first.wait()
+    cfg = tiny_cfg(tmp_path, out=str(tmp_path / "r"), epochs=200, save_every=1, warmup_epochs=1)
+    with runner.Run(cfg):  # the lock died with the process
+        pass
+
+
+def test_sigkill_then_rerun_resumes_bit_identically(tmp_path):
+    args = TINY + ["--epochs", "3", "--save-every", "1", "--log-every", "1", "--warmup-epochs", "0.5"]
+    assert run_cosmae(args + ["--out", str(tmp_path / "full")], timeout=300).returncode == 0
+    cut = subprocess.Popen([sys.executable, "-u", "cosmae.py", *args, "--out", str(tmp_path / "cut")], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in cut.stdout:
+        if line.startswith("task 2 synth_green | ep 2/"):
+            cut.kill()
+            break
+    cut.wait()
+    assert not (tmp_path / "cut" / "task2_synth_green.pt").exists()
+    again = run_cosmae(args + ["--out", str(tmp_path / "cut")], timeout=300)
+    assert again.returncode == 0 and "resuming task 2 after epoch" in again.stdout, again.stdout + again.stderr
+    a, b = (encoder_of(tmp_path / d / "task2_synth_green.pt") for d in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    full, cut_log = records(tmp_path / "full"), records(tmp_path / "cut")
+    assert [(r["task"], r["step"], r["loss/total"]) for r in full] == [(r["task"], r["step"], r["loss/total"])
+                                                                     for r in cut_log]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_rerun_after_freeing_space_resumes(tmp_path):
+    import resource
+    out = str(tmp_path / "run")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, resource.RLIM_INFINITY))  # noqa: E731
+    full = run_cosmae(TINY + ["--out", out, "--warmup-epochs", "0.5"], timeout=300, preexec_fn=limit)
+    assert full.returncode == 2 and "no space left on the device writing" in full.stderr, full.stderr
+    assert "task1_synth_red.pt" in full.stderr and len(full.stderr.strip().splitlines()) == 1
+    assert not list((tmp_path / "run").glob("*.tmp")) and not (tmp_path / "run" / "task1_synth_red.pt").exists()
+    again = run_cosmae(TINY + ["--out", out, "--warmup-epochs", "0.5"], timeout=300)
+    assert again.returncode == 0 and (tmp_path / "run" / "task2_synth_green.pt").exists(), again.stderr
+
+
+def test_the_first_record_after_a_mid_task_resume_covers_the_same_steps_and_time_is_kept(tmp_path, monkeypatch):
+    """4 steps per epoch, a record every 3 steps: the record of steps 4-6 spans the epoch boundary where the run
+    is resumed; its loss is the mean over the same three steps as without the stop."""
+    kw = dict(epochs=2, save_every=1, log_every=3)
+    full = train(tiny_cfg(tmp_path, out=str(tmp_path / "full"), **kw))
+    real_step, count = torch.optim.AdamW.step, {"n": 0}
+
+    def crash(self, *a, **k):
+        count["n"] += 1
+        if count["n"] == 8 + 4 + 3:  # task 2, epoch 2, step 3
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash)
+    cfg = tiny_cfg(tmp_path, out=str(tmp_path / "cut"), **kw)
+    run = runner.Run(cfg)
+    with pytest.raises(KeyboardInterrupt), run:
+        cosmae.train(cfg, run)
+    seconds = float(torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["seconds"])
+    assert seconds > json.loads((tmp_path / "cut" / "summary.json").read_text())["train_seconds"] > 0
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    train(cfg)
+    want = [(r["task"], r["step"], r["loss/total"], r["loss/mim"]) for r in records(tmp_path / "full")]
+    assert [(r["task"], r["step"], r["loss/total"], r["loss/mim"]) for r in records(tmp_path / "cut")] == want
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["train_seconds"] > seconds
+    assert full["checkpoints"]
+
+
+def test_eval_tables_never_mix_evaluation_sets_or_task_lists_and_count_a_folder_once(tmp_path, capsys):
+    def fake(folder, tasks, sets):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(dict(method="cosmae", tasks=tasks, seed=0)))
+        rows = [dict(task=t, name="x", eval_set=s, micro=50.0 + t, macro=40.0, micro_binary=30.0, macro_binary=20.0,
+                     per_task=None, rec_loss=None) for s in sets for t in range(len(tasks) + 1)]
+        (folder / "eval.json").write_text(json.dumps(rows))
+    fake(tmp_path / "a", ["t1", "t2"], [eval_mlknn.SYNTHETIC, eval_mlknn.UCMERCED])
+    fake(tmp_path / "b", ["t1", "t2", "t3"], [eval_mlknn.SYNTHETIC])
+    eval_mlknn.main([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a") + "/"])
+    out = capsys.readouterr().out
+    assert out.count("on the synthetic multi-label set after each task") == 2  # a's and b's task lists apart
+    assert out.count("on UCMerced (800 test images) after each task") == 1 and " ± " not in out  # a counted once
+
+
+def test_unwritable_table_out_and_bad_bench_flags_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(eval_mlknn, "load_run", lambda *a: (_ for _ in ()).throw(AssertionError("work done")))
+    with pytest.raises(SystemExit) as e:
+        eval_mlknn.main([str(tmp_path), "--table-out", str(tmp_path / "no" / "such" / "t.md")])
+    assert e.value.code == 2 and "--table-out" in capsys.readouterr().err
+    bench = subprocess.run([sys.executable, "bench.py", "--repeats", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert bench.returncode == 2 and bench.stderr.strip() == "error: --repeats 0: must be ≥ 1"
