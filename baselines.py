@@ -34,9 +34,9 @@ from runner import gather
 class BaselineConfig(cosmae.Config):
     method: str = arg("er", "a Table II row: er ewc der lump pfr, or cosmae finetune",
                       choices=["er", "ewc", "der", "lump", "pfr", "cosmae", "finetune"])
-    replay_batch: int = arg(0, "ER and DER: buffer images per step (0 = by method: ER ⌈0.045·B⌉, DER ⌈0.14·B⌉, so "
-                               "that their cost over fine-tuning on tasks 2-4 is what Table II's hours imply: "
-                               "+4.5 % and +25 %)")
+    replay_batch: int = arg(0, "ER and DER: buffer images per step (0 = by method: ER ⌈0.045·B⌉, DER "
+                               "⌈0.14·B⌉, so that their cost over fine-tuning on tasks 2-4 is what Table II's "
+                               "hours imply: +4.5 % and +25 %)")
     ewc_lambda: float = arg(100.0, "EWC: penalty weight λ_EWC (not given in the paper; not tuned)")
     ewc_batches: int = arg(16, "EWC: batches used to estimate the diagonal Fisher after each task")
     der_alpha: float = arg(0.1, "DER: weight of the feature-replay MSE (LUMP's DER default)")
@@ -136,7 +136,8 @@ class EWC(Baseline):
         self.anchor = {n: p.detach().clone() for n, p in params.items()}
 
     def state_dict(self):
-        return {**{"fisher." + n: v for n, v in self.fisher.items()}, **{"anchor." + n: v for n, v in self.anchor.items()}}
+        return {**{"fisher." + n: v for n, v in self.fisher.items()},
+                **{"anchor." + n: v for n, v in self.anchor.items()}}
 
     def load_state_dict(self, sd):
         dev = self.cfg.device

@@ -61,7 +61,8 @@ def parse_args():
     p.add_argument("--peak-tflops", type=float, default=0, help="bf16 dense peak of a GPU not in PEAK_BF16")
     p.add_argument("--json", default="", help="also write all figures to this file")
     args = p.parse_args()
-    for name, ok, allowed in [("batch", args.batch >= 0, "≥ 0 (0 = by device)"), ("repeats", args.repeats >= 1, "≥ 1"),
+    for name, ok, allowed in [("batch", args.batch >= 0, "≥ 0 (0 = by device)"),
+                              ("repeats", args.repeats >= 1, "≥ 1"),
                               ("warmup", args.warmup >= 0, "≥ 0"), ("threads", args.threads >= 0, "≥ 0"),
                               ("peak_tflops", 0 <= args.peak_tflops < float("inf"), "a finite number ≥ 0")]:
         if not ok:
@@ -120,7 +121,7 @@ def main():
     try:
         run_bench(parse_args())
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
         sys.exit(2)
 
 
@@ -204,17 +205,22 @@ def run_bench(args):
     dev_pct = 100 * (r["time_ratio_b_a"] / r["flop_ratio_b_a"] - 1)
     print(f"(b)/(a): time {r['time_ratio_b_a']:.3f}×, FLOPs {r['flop_ratio_b_a']:.3f}× ({dev_pct:+.1f} % off)")
     for k, paper in (("f", "+4.5 %"), ("g", "+25 %")):
-        print(f"({k})/(a): time {r[f'time_ratio_{k}_a']:.3f}×, FLOPs {r[f'flop_ratio_{k}_a']:.3f}× (paper: {paper})")
+        print(f"({k})/(a): time {r[f'time_ratio_{k}_a']:.3f}×, FLOPs {r[f'flop_ratio_{k}_a']:.3f}× (Table II's hours "
+              f"imply {paper} per step on tasks 2-4)")
+    print(f"FLOPs per image (FlopCounterMode over one step, forward + backward: matmuls, convolutions, attention): "
+          f"(a) {flops_a / batch / 1e9:.2f} GFLOP, (b) {flops_b / batch / 1e9:.2f} GFLOP")
     if device.type == "cuda":
-        peak = peak_tflops(device, args.peak_tflops)
+        peak, card = peak_tflops(device, args.peak_tflops), torch.cuda.get_device_name(device)
         for k, f in (("a", flops_a), ("b", flops_b)):
             r[f"tflops_{k}"] = f / t[k] / 1e12
             r[f"mfu_{k}"] = r[f"tflops_{k}"] / peak if peak else None
-            mfu = f"{100 * r[f'mfu_{k}']:.1f} % of {peak:g} bf16 peak" if peak else "peak unknown: --peak-tflops"
-            print(f"{names[k]:24s} {r[f'tflops_{k}']:8.1f} TFLOP/s  ({mfu})")
+            mfu = (f"MFU {100 * r[f'mfu_{k}']:.1f} % of {peak:g} TFLOP/s, the bf16 dense peak of {card}" if peak
+                   else "peak of this card unknown: give it with --peak-tflops")
+            print(f"{names[k]:24s} {r[f'tflops_{k}']:8.1f} TFLOP/s = {f / batch / 1e9:.2f} GFLOP per image × "
+                  f"{ips[k]:.0f} img/s ({mfu})")
     r["paper_protocol_hours"] = paper_hours(ips["a"], ips["b"], batch)
-    print(f"paper protocol (4 tasks × {PAPER_EPOCHS} epochs of {sum(PAPER_TRAIN.values())} images; task 1 at (a), "
-          f"2-4 at (b)): {r['paper_protocol_hours']:.1f} h")
+    print(f"paper protocol projected from (a) and (b), not measured (4 tasks × {PAPER_EPOCHS} epochs of "
+          f"{sum(PAPER_TRAIN.values())} images; task 1 at (a), 2-4 at (b)): {r['paper_protocol_hours']:.1f} h")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
     tmp.cleanup()

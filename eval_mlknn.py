@@ -20,6 +20,7 @@ line below imports it, to build the encoder of a run or a checkpoint.
 Run:
     python eval_mlknn.py runs/cosmae                              # the tables of a finished run (its eval.json)
     python eval_mlknn.py runs/*/seed* --table-out table.md        # methods × seeds: mean ± std
+    python eval_mlknn.py runs/grid/* --figures figs               # A, R and reconstructions per method, as PNGs
     python eval_mlknn.py runs/cosmae --ucmerced DATA/UCMerced_LandUse   # evaluate the init and every task
                                                                   # checkpoint on UCMerced (no training data needed)
     python eval_mlknn.py mae_pretrain_vit_base.pth --ucmerced DATA/UCMerced_LandUse   # one checkpoint
@@ -43,6 +44,7 @@ import torch
 from sklearn.metrics import average_precision_score
 from sklearn.neighbors import NearestNeighbors
 
+import draw
 import rs_data
 import runner
 from rs_data import DataError, atomic_write
@@ -151,7 +153,9 @@ def reconstruct(model, tiles, mask_ratio: float = 0.75, device="cpu", amp: bool 
 
 def picture(model, x, pred, mask) -> np.ndarray:
     """MAE's visualisation: original, masked input, reconstruction with the visible patches pasted back, side
-    by side → uint8 [H, 3·N·W, 3]. x [N, 3, H, W] normalised, pred [N, L, p²·3], mask [N, L]."""
+    by side → uint8 [H, 3·N·W, 3]. x [N, 3, H, W] normalised, pred [N, L, p²·3], mask [N, L]. In the masked input
+    a visible pixel equals the original's and a removed one is the mean colour (0 normalised): panel_view finds
+    the removed patches by comparing the two."""
     patches, mask = model.patchify(x), mask[..., None]
     if model.norm_pix_loss:  # the prediction is in per-patch normalised units: undo it with the patch's statistics
         pred = pred * (patches.var(-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(-1, keepdim=True)
@@ -194,6 +198,163 @@ def save_picture(path: Path, pictures: list, scale: int = 0):
     scale = scale or max(1, 256 // pictures[0].shape[0])
     im = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
     atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
+
+
+# --- Pictures of a run: every task after every task, and the matrices A and R as heat maps ----------------------
+# Drawn from what is on disk (eval.json and the reconstructions_T<t>.png of each evaluation point), so a resumed
+# run draws the same pictures as one that never stopped.
+
+def task_band(name: str):
+    """The band a task's pictures show: a synthetic sensor's informative band (rs_data.SYNTH_TASKS: 0, 1, 2, or
+    None = the mean of the three bands for synth_pan); 'rgb' for real data (the three bands as colour)."""
+    return rs_data.SYNTH_TASKS[name] if name in rs_data.SYNTH_TASKS else "rgb"
+
+
+def band_view(img: np.ndarray, band) -> np.ndarray:
+    """uint8 [H, W, 3] → the band in grey, uint8 [H, W, 3]: band 0/1/2 = that channel, None = the mean of the
+    three channels (rounded); 'rgb' = the picture unchanged."""
+    if band == "rgb":
+        return img
+    grey = img[..., band] if band is not None else np.round(img.astype(np.float64).mean(-1)).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, -1)
+
+
+def panel_view(panel: np.ndarray, band) -> np.ndarray:
+    """A picture() panel [H, 3·n·H, 3] (original | masked | reconstruction of n square tiles) in `band`; in a
+    grey view the removed patches of the masked input are painted draw.MASK_COLOR (blue), found as the pixels
+    where the masked input differs from the original. 'rgb': unchanged (MAE's grey patches)."""
+    if band == "rgb":
+        return panel
+    h, out = panel.shape[0], band_view(panel, band).copy()
+    for k in range(panel.shape[1] // (3 * h)):
+        original, masked = panel[:, 3 * k * h:(3 * k + 1) * h], panel[:, (3 * k + 1) * h:(3 * k + 2) * h]
+        out[:, (3 * k + 1) * h:(3 * k + 2) * h][(masked != original).any(-1)] = draw.MASK_COLOR
+    return out
+
+
+RECON_CELL = 96  # pixels per view in reconstructions.png (original | masked | reconstruction: 3 views a cell)
+
+
+def recon_cells(path: Path, n_tasks: int, size: int = RECON_CELL) -> list:
+    """The first tile's original | masked | reconstruction of every task (a row each) of a reconstructions_T<t>.png
+    → [uint8 [size, 3·size + 6, 3] or None (no picture of that task)] × n_tasks."""
+    from PIL import Image
+    try:
+        arr = np.asarray(Image.open(path).convert("RGB"))
+    except (OSError, ValueError):  # missing or unreadable: that column is drawn empty
+        return [None] * n_tasks
+    h = arr.shape[0] // n_tasks
+    if h == 0 or arr.shape[0] != h * n_tasks or arr.shape[1] < 3 * h:
+        return [None] * n_tasks
+    cells = []
+    for j in range(n_tasks):
+        views = [arr[j * h:(j + 1) * h, v * h:(v + 1) * h] for v in range(3)]  # square tiles: a view is h wide
+        if not any(v.any() for v in views):  # a row padded with black: the task had no held-out tile
+            cells.append(None)
+            continue
+        small = [np.asarray(Image.fromarray(v).resize((size, size), Image.BOX)) for v in views]
+        gap = np.full((size, 3, 3), 255, np.uint8)
+        cells.append(np.concatenate([small[0], gap, small[1], gap, small[2]], 1))
+    return cells
+
+
+def point_label(t: int) -> str:
+    """The name of an evaluation point: init (the random init), after T1, after T2, ..."""
+    return "init" if t == 0 else f"after T{t}"
+
+
+def reconstructions_picture(out, tasks: list, rows: list, size: int = RECON_CELL):
+    """reconstructions.png of a run folder: rows = tasks j, columns = the evaluation points (init, after T1, ...)
+    that have a row with R and a reconstructions_T<t>.png; each cell the task's first held-out tile: original |
+    masked | reconstruction, and R[t][j] under it → (Image, draw.grid_layout) or None (no picture on disk)."""
+    points = [r for r in sorted(rows, key=lambda r: r["task"]) if r.get("rec_loss")]
+    files = [Path(out) / f"reconstructions_T{r['task']}.png" for r in points]
+    if not any(f.is_file() for f in files):
+        return None
+    columns = [recon_cells(f, len(tasks), size) for f in files]  # [point][task]
+    cells = [[col[j] for col in columns] for j in range(len(tasks))]
+    notes = [[f"R = {r['rec_loss'][j]:.4f}" if j < len(r["rec_loss"]) and r["rec_loss"][j] is not None else None
+              for r in points] for j in range(len(tasks))]
+    synth = any(n in rs_data.SYNTH_TASKS for n in tasks)
+    subtitle = ("Each cell: the task's first held-out tile, original | masked input | reconstruction (visible patches "
+                "pasted back); the same tile and mask in every column.\nUnder it: R[t][j] = Eq. (1) on the task's "
+                "held-out tiles (reconstruction_matrix.png). A row that gets worse to the right is forgetting."
+                + ("\nSynthetic sensors: the band that holds the scene, in grey (synth_pan: the mean of the three "
+                   "bands); removed patches in blue." if synth else ""))
+    row_labels = [f"T{j} {n}" for j, n in enumerate(tasks, 1)]
+    col_labels = [point_label(r["task"]) for r in points]
+    args = ([size * 3 + 6] * len(points), [size] * len(tasks), row_labels, col_labels,
+            "Masked reconstructions of every task (rows) after every task (columns)", subtitle, True)
+    img = draw.image_grid(cells, *args[2:6], notes=notes)
+    return img, draw.grid_layout(*args)
+
+
+def matrix_values(rows: list, key: str, n_tasks: int) -> list:
+    """rows[t][key] as a [points][n_tasks] matrix of floats, None where not measured."""
+    return [[(r.get(key) or [])[j] if j < len(r.get(key) or []) else None for j in range(n_tasks)] for r in rows]
+
+
+def matrix_heatmap(values: list, points: list, tasks: list, key: str, title: str, extra: str = "", vmin=None,
+                   vmax=None, with_layout: bool = False):
+    """A heat map of A (key 'per_task') or R ('rec_loss'): rows = the encoder after task t (t = points), columns =
+    task j, the number in every cell; brighter = better in both (R's colours reversed: a low loss is bright)."""
+    accuracy = key == "per_task"
+    what = ("micro mAP (%) of ML-kNN on task j's own images and labels (posterior kind); higher is better"
+            if accuracy else "Eq. (1) on task j's held-out tiles, fixed masks; lower is better")
+    if not accuracy and vmin is None:  # the random init's loss is far above the rest: colours for the trained rows
+        vmin, vmax = matrix_range([(values, points)], key)
+    init = values[points.index(0)] if 0 in points else []
+    if vmax is not None and any(v is not None and not vmin <= v <= vmax for v in init):
+        extra = "colours span the trained rows (the init lies off the scale)" + (f"; {extra}" if extra else "")
+    subtitle = what + "\nrow t: the encoder after task t; a column that darkens downwards is forgetting" + \
+        (f"\n{extra}" if extra else "")
+    return draw.heatmap(values, [f"after T{t} ({tasks[t - 1]})" if t else "init (random)" for t in points],
+                           [f"T{j} {n}" for j, n in enumerate(tasks, 1)], title, subtitle,
+                           "{:.1f}" if accuracy else "{:.4f}", vmin, vmax, not accuracy, with_layout)
+
+
+def matrix_range(mats: list, key: str) -> tuple:
+    """(min, max) of the values of matrices [(values, points)] of one kind: for R those of the trained rows (t ≥ 1)
+    when there are any, for A all of them; (None, None) when there is none."""
+    vals = [[v for t, row in zip(points, m) if t > 0 or key == "per_task" for v in row if v is not None]
+            for m, points in mats]
+    vals = sum(vals, []) or [v for m, _ in mats for row in m for v in row if v is not None]
+    return (min(vals), max(vals)) if vals else (None, None)
+
+
+def save_png(path: Path, img):
+    """A picture, written atomically."""
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def run_matrices(tasks: list, rows: list, label: str = "") -> dict:
+    """The heat maps of one run's rows (one evaluation set): {'accuracy_matrix.png': (Image, layout)} when A was
+    measured (synthetic tasks), {'reconstruction_matrix.png': ...} when R was; a row per evaluation point."""
+    rows, pictures, prefix = sorted(rows, key=lambda r: r["task"]), {}, f"{label}: " if label else ""
+    for key, name, title in (("per_task", "accuracy_matrix.png", "accuracy matrix A[t][j]"),
+                             ("rec_loss", "reconstruction_matrix.png", "reconstruction matrix R[t][j]")):
+        have, extra = [r for r in rows if r.get(key)], ""
+        if not have:
+            continue
+        if key == "per_task" and has_matrix(dict(rows=rows, tasks=tasks)) and len(tasks) > 1:
+            s = forgetting_bwt([r["per_task"] for r in rows])
+            extra = (f"final average mAP {s['final_avg_map']:.2f}, average forgetting {s['avg_forgetting']:.2f}, BWT "
+                     f"{s['bwt']:.2f} (forgetting_bwt)")
+        pictures[name] = matrix_heatmap(matrix_values(have, key, len(tasks)), [r["task"] for r in have], tasks, key,
+                                        prefix + title, extra, with_layout=True)
+    return pictures
+
+
+def write_run_pictures(out, tasks: list, rows: list, label: str = "") -> list:
+    """reconstructions.png, accuracy_matrix.png (synthetic tasks: A) and reconstruction_matrix.png (R) of a run
+    folder, from the rows of one evaluation set and the reconstructions_T<t>.png on disk → the paths written."""
+    out, written = Path(out), []
+    pic = reconstructions_picture(out, tasks, rows)
+    pictures = dict(run_matrices(tasks, rows, label), **({"reconstructions.png": pic} if pic else {}))
+    for name, (img, _) in pictures.items():
+        save_png(out / name, img)
+        written.append(out / name)
+    return written
 
 
 UCMERCED, SYNTHETIC = "UCMerced (800 test images)", "the synthetic multi-label set"  # eval_set of a row
@@ -252,10 +413,12 @@ class Evaluation:
                                      cfg.mlknn_count_self)
         row = dict(task=t, name=name, eval_set=self.source, **row)
         row["rec_loss"] = row["rec_loss"] or None  # none computed: no task data (python eval_mlknn.py RUN ...)
-        if panels:
+        if panels:  # synthetic sensors: the band that holds the scene, in grey
+            panels = [panel_view(p, task_band(n)) for p, n in zip(panels, cfg.tasks)]
             save_picture(run.out / f"reconstructions_T{t}.png", panels)
         self.rows = merge_row(self.rows, row)
         run.write("eval.json", self.rows)
+        write_run_pictures(run.out, cfg.tasks, [r for r in self.rows if r.get("eval_set") == self.source], cfg.method)
         print(f"eval after {name} ({time.time() - t0:.0f}s): {row_line(row)}", flush=True)
 
     def end(self, run):
@@ -266,7 +429,11 @@ class Evaluation:
         result = dict(label=self.cfg.method, tasks=self.cfg.tasks, rows=rows, eval_set=self.source,
                       train_seconds=run.summary.get("train_seconds"))
         print(report([result]))
-        print(f"\npictures of the masked reconstructions after each task: {run.out}/reconstructions_T*.png")
+        shown = [n for n in ("reconstructions.png", "accuracy_matrix.png", "reconstruction_matrix.png")
+                 if (run.out / n).exists()]
+        if shown:
+            print(f"\npictures in {run.out}: {', '.join(shown)} (every task after every task; A and R as heat "
+                  "maps), reconstructions_T<t>.png (each evaluation)")
         if has_matrix(result):
             run.summary.update(forgetting_bwt([r["per_task"] for r in rows]))
             run.write("summary.json", run.summary)
@@ -419,6 +586,86 @@ def report_all(runs: list) -> str:
     return "\n\n".join(report(g) for g in groups.values())
 
 
+# --- Pictures of many runs: A and R per label side by side, the last reconstructions of each label -------------
+
+def mean_matrix(group: list, key: str, n_tasks: int):
+    """The mean over the runs (seeds) of one label of rows[t][key][j] → (matrix [points][n_tasks], points, seeds)
+    over the evaluation points every run has; (None, [], 0) when no run has the matrix."""
+    have = [{r["task"]: r for r in run["rows"] if r.get(key)} for run in group]
+    have = [h for h in have if h]
+    points = sorted(set.intersection(*[set(h) for h in have])) if have else []
+    if not points:
+        return None, [], 0
+    mats = [matrix_values([h[t] for t in points], key, n_tasks) for h in have]
+    mean = [[None if any(m[i][j] is None for m in mats) else float(np.mean([m[i][j] for m in mats]))
+             for j in range(n_tasks)] for i in range(len(points))]
+    return mean, points, len(mats)
+
+
+def compare_matrices(labels: dict, tasks: list):
+    """A row per label (group_runs of one evaluation set and task list): its A and R, each the mean over its runs,
+    side by side; one colour scale per matrix kind across the labels → Image, or None (no matrix)."""
+    mats = {(label, key): mean_matrix(g, key, len(tasks)) for label, g in labels.items()
+            for key in ("per_task", "rec_loss")}
+    panels = []
+    for label in labels:
+        row = []
+        for key, what in (("per_task", "A"), ("rec_loss", "R")):
+            mean, points, n = mats[label, key]
+            lo, hi = matrix_range([(m, p) for (_, kk), (m, p, _) in mats.items() if kk == key and m], key)
+            if mean is not None:
+                row.append(matrix_heatmap(mean, points, list(tasks), key, f"{label}: {what}[t][j], mean of {n} "
+                                          f"run{'s' if n > 1 else ''}", vmin=lo, vmax=hi))
+        if row:
+            panels.append(draw.hstack(row, 24, "bottom"))  # the two grids side by side
+    return draw.vstack(panels, 24) if panels else None
+
+
+def compare_reconstructions(labels: dict, tasks: list, eval_set: str = ""):
+    """Rows = tasks, a column per label: every task's first held-out tile at the last evaluation of the label's
+    first run (its reconstructions_T<t>.png), R under each → (Image, draw.grid_layout) or None (no picture)."""
+    cells, notes, heads = [], [], []
+    for label, g in labels.items():
+        run = g[0]
+        last = max((r for r in run["rows"] if r.get("rec_loss")), key=lambda r: r["task"], default=None)
+        if last is None:
+            continue
+        cells.append(recon_cells(Path(run["folder"]) / f"reconstructions_T{last['task']}.png", len(tasks)))
+        notes.append([f"R = {v:.4f}" if v is not None else None
+                      for v in matrix_values([last], "rec_loss", len(tasks))[0]])
+        heads.append(f"{label}, {point_label(last['task'])}")
+    if not any(c is not None for col in cells for c in col):
+        return None
+    size = RECON_CELL
+    args = ([3 * size + 6] * len(cells), [size] * len(tasks), [f"T{j} {n}" for j, n in enumerate(tasks, 1)], heads,
+            "The last evaluation of each method: every task's first held-out tile",
+            "original | masked input | reconstruction; R[t][j] under each cell; the first run of each label"
+            + (f" ({eval_set})" if eval_set else ""), True)
+    img = draw.image_grid([list(r) for r in zip(*cells)], *args[2:6], notes=[list(r) for r in zip(*notes)])
+    return img, draw.grid_layout(*args)
+
+
+def write_figures(runs: list, folder: Path) -> list:
+    """The pictures of many runs (load_run entries; labelled, grouped by evaluation set and task list as the tables)
+    into `folder`: matrices.png (compare_matrices) and reconstructions.png (compare_reconstructions); a second
+    group of runs gets the suffix _2, ... → the paths written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--figures {folder}: cannot create the folder ({e.strerror})") from None
+    by_set, written = defaultdict(list), []
+    for r in runs:
+        by_set[(r["eval_set"], tuple(r["tasks"]))].append(r)
+    for k, ((eval_set, tasks), group) in enumerate(by_set.items()):
+        suffix, labels = "" if k == 0 else f"_{k + 1}", group_runs(group)
+        mats, recs = compare_matrices(labels, list(tasks)), compare_reconstructions(labels, list(tasks), eval_set)
+        for name, img in ((f"matrices{suffix}.png", mats), (f"reconstructions{suffix}.png", recs and recs[0])):
+            if img is not None:
+                save_png(folder / name, img)
+                written.append(folder / name)
+    return written
+
+
 # --- CLI: tables of finished runs; evaluation of the checkpoints of runs, or of one checkpoint ------------------------
 
 def run_folders(paths: list) -> list:
@@ -533,6 +780,9 @@ def main(argv=None) -> None:
                    "mae_pretrain_vit_base.pth); alone with --ucmerced: score its random init")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--table-out", default="", help="also write the tables to this markdown file")
+    p.add_argument("--figures", default="", metavar="DIR", help="also draw the runs (each label averaged over its "
+                   "seeds) into DIR: matrices.png (A and R\nas heat maps, a row per label) and reconstructions.png "
+                   "(every task after the last task, a column per label)")
     args = p.parse_args(argv)
     try:
         if args.table_out:  # checked before the work
@@ -543,6 +793,10 @@ def main(argv=None) -> None:
         device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
             ("cpu" if args.device == "auto" else args.device)
         files = [x for x in args.paths if Path(x).is_file()]
+        if args.figures and (files or not args.paths):
+            raise DataError("--figures draws run folders: name run folders, not checkpoint files")
+        if args.figures and (Path(args.figures).exists() and not Path(args.figures).is_dir()):
+            raise DataError(f"--figures {args.figures} is a file; name a folder")
         if files or not args.paths:
             if not args.ucmerced:
                 raise DataError("scoring a checkpoint (or a random init) needs --ucmerced DIR")
@@ -560,11 +814,15 @@ def main(argv=None) -> None:
                         f = r["folder"]
                         r["label"] += f" ({f.parent.name if f.name.startswith('seed') else f.name})"
             text = report_all(runs)
-        print(text)
+            if args.figures:
+                drawn = write_figures(runs, Path(args.figures))
+                pictures = "\npictures: " + (", ".join(map(str, drawn)) or "none (no A, R or reconstruction in "
+                                                                           "these runs' evaluations)")
+        print(text + (pictures if args.figures else ""))
         if args.table_out:
             atomic_write(Path(args.table_out), lambda tmp: tmp.write_text(text + "\n"))
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
         sys.exit(2)
 
 

@@ -231,7 +231,9 @@ def read_rgb(path: Path, bands=(0, 1, 2), n_bands=3, bits=8) -> np.ndarray:
     check_bands(path, a.shape, a.dtype, n_bands, bits)
     a = a if a.shape[0] == n_bands and a.shape[-1] != n_bands else a.transpose(2, 0, 1)  # → [C, H, W]
     rgb = a[list(bands)].astype(np.float32)
-    return np.clip(rgb * (255 / (2 ** bits - 1)), 0, 255).round().astype(np.uint8) if bits != 8 else rgb.astype(np.uint8)
+    if bits == 8:
+        return rgb.astype(np.uint8)
+    return np.clip(rgb * (255 / (2 ** bits - 1)), 0, 255).round().astype(np.uint8)
 
 
 def check_bands(path: Path, shape: tuple, dtype, n_bands: int, bits: int):

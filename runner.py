@@ -149,7 +149,7 @@ def main(argv, config_cls, resolve, train, models: dict, make_method=None, evalu
             with Run(run_cfg, method, [evaluation(run_cfg)] if evaluation and run_cfg.eval else []) as run:
                 train(run_cfg, run, method.step) if method else train(run_cfg, run)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"\ninterrupted {run.where if run else 'while reading the data'}. Finished tasks and the last mid-task "
@@ -259,7 +259,7 @@ def check_weights(sd, model: nn.Module, what: str, fix: str):
 
 def finite(model: nn.Module) -> bool:
     """True when every weight is finite (one host sync; checked before a checkpoint is written)."""
-    return all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters())
+    return bool(torch.stack([torch.isfinite(p.detach()).all() for p in model.parameters()]).all())
 
 
 def load_init(model: nn.Module, path: str, what: str = "--init"):
@@ -275,10 +275,13 @@ def load_init(model: nn.Module, path: str, what: str = "--init"):
     if len(missing) == len(own):
         raise DataError(f"{what} {path}: none of its {len(sd)} weights is an encoder weight of this MAE "
                         f"(e.g. {list(sd)[:3]}); expected facebookresearch/mae names such as blocks.0.attn.qkv.weight")
-    try:
-        model.load_state_dict({k: v for k, v in sd.items() if k in model.state_dict()}, strict=False)
-    except RuntimeError as e:
-        raise DataError(f"{what} {path}: weights do not fit this --model ({str(e)[:300]})") from None
+    own_sd = model.state_dict()
+    shapes = [f"{k} {tuple(sd[k].shape)} (model: {tuple(v.shape)})" for k, v in own_sd.items()
+              if k in sd and sd[k].shape != v.shape]
+    if shapes:
+        raise DataError(f"{what} {path}: weights do not fit this --model ({len(shapes)} of other shapes, e.g. "
+                        f"{'; '.join(shapes[:2])}); {fix}")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own_sd}, strict=False)
     print(f"{what} {path}: every encoder weight loaded" if not missing else
           f"{what} {path}: {len(missing)} encoder weights NOT loaded (left at random init): {missing[:8]}")
 
@@ -387,9 +390,10 @@ class Run:
                             "or the same flags to resume it")
 
     def verified_tasks(self) -> list:
-        """[(t, name, path, lineage, seconds)]: the finished tasks 1, 2, ... of this run, each file checked (task index and
-        name, training settings, lineage = the ids of tasks 1..t, each continuing the one before). A missing task
-        ends the list; the files of later tasks are set aside (renamed *.set_aside), never used in its place."""
+        """[(t, name, path, lineage, seconds)]: the finished tasks 1, 2, ... of this run, each file checked (task
+        index and name, training settings, lineage = the ids of tasks 1..t, each continuing the one before). A
+        missing task ends the list; the files of later tasks are set aside (renamed *.set_aside), never used in its
+        place; other *.pt files are named in a warning and never used."""
         found, lineage = [], []
         for t, name, path in finished_tasks(self.out, self.cfg.tasks):
             fix = "move it out of the run folder (that task is then trained again) or use another --out"
@@ -399,8 +403,8 @@ class Run:
                                 f"records task {ck.get('task')} {ck.get('name')}); {fix}")
             self.compare(ck["settings"], path)
             if list(ck.get("lineage", []))[:-1] != lineage or len(ck.get("lineage", [])) != t:
-                raise DataError(f"{path} does not continue the checkpoint of task {t - 1} in this folder (another run's "
-                                f"or an older file); {fix}")
+                raise DataError(f"{path} does not continue the checkpoint of task {t - 1} in this folder (another "
+                                f"run's or an older file); {fix}")
             lineage = list(ck["lineage"])
             found.append((t, name, path, lineage, float(ck.get("train_seconds", 0.0))))
         for t, name in list(enumerate(self.cfg.tasks, 1))[len(found) + 1:]:
@@ -594,7 +598,7 @@ class Meter:
         if not self.run.main:
             return
         eta = (self.total - step - 1) * self.cfg.batch_size / rate
-        with open(self.run.out / "metrics.jsonl", "a") as f:
+        with rs_data.disk_errors(self.run.out / "metrics.jsonl"), open(self.run.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"task": t, "name": self.cfg.tasks[t - 1], "epoch": epoch, "step": step + 1,
                                 "loss/total": total, "loss/rec": rec, "loss/mim": mim, "lam1": lam1, "lam2": lam2,
                                 "lr": lr, "img/s": rate}) + "\n")
