@@ -17,12 +17,11 @@ that is not a matmul (buffer draw, mixup, rebuild, loss) should be cheap. (f)/(a
 ER and DER over fine-tuning; Table II's training hours imply +4.5 % and +25 % on tasks 2-4 (README, "Speed").
 
 Run:
-    python bench.py --device cpu --batch 8 --repeats 3     # ViT-B/16 on a small CPU box (~5 min on 2 cores)
+    python bench.py --device cpu --batch 8 --repeats 3     # ViT-B/16 on a small CPU box (~12 min on 2 cores)
     python bench.py --model vit_tiny --device cpu          # seconds
     python bench.py                                        # GPU: ViT-B/16, batch 128, bf16 autocast
     python bench.py --compile --json bench_h100.json       # torch.compile, and all figures as JSON
 """
-import argparse
 import json
 import os
 import statistics
@@ -198,7 +197,7 @@ def run_bench(args):
     names = dict(a="(a) MAE step", b="(b) CoSMAE step", c="(c) teacher rebuild", d="(d) input pipeline",
                  e="(e) feature extraction", f="(f) ER step", g="(g) DER step")
     extra = dict(a=f"{flops_a / 1e9:9.4g} GFLOP", b=f"{flops_b / 1e9:9.4g} GFLOP",
-                 c=f"{r['rebuild_pct_of_b']:9.2f} % of (b)", d=f"{r['pipeline_x_b']:9.1f} × (b)", e="",
+                 c=f"{r['rebuild_pct_of_b']:9.2f} % of (b)", d=f"{r['pipeline_x_b']:9.1f} × (b)'s img/s", e="",
                  f=f"{flops_f / 1e9:9.4g} GFLOP", g=f"{flops_g / 1e9:9.4g} GFLOP")
     for k in t:
         print(f"{names[k]:24s} {1e3 * t[k]:10.1f} ms {ips[k]:10.1f} img/s  {extra[k]}")

@@ -298,7 +298,7 @@ def mix_batch(x, x_mem, lam1):
     return lam1 * x + (1 - lam1) * x_mem
 
 
-# --- §II-C. Model-mixup knowledge distillation: the teacher, the projector g, the MIM loss ---------------------------
+# --- §II-C. Model-mixup knowledge distillation: the teacher, the projector g, the mutual information maximization loss
 
 class MixupTeacher(nn.Module):
     """The teacher ẽ_t: a frozen copy of the encoder whose weights are set in place, before every step, between
@@ -497,7 +497,7 @@ class Config:
     tau: float = arg(0.5, "τ of Eq. (4), temperature (§III-B)")
     mim_form: str = arg("simclr", "Eq. (4): simclr (NT-Xent over the 2N embeddings), paper (the printed letter), "
                         "infonce (student against teacher); see mim_loss", choices=["simclr", "paper", "infonce"])
-    beta: float = arg(0.1, "β of Eq. (5), weight of the MIM loss (§III-C, Fig. 2b)")
+    beta: float = arg(0.1, "β of Eq. (5), weight of the mutual information maximization loss (Fig. 2b)")
     # optimisation (§III-B)
     epochs: int = arg(0, "epochs per task (paper 300; 0 = by preset)")
     batch_size: int = arg(0, "images per step (paper 128; 0 = by preset)")

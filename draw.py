@@ -82,6 +82,17 @@ def text_block(lines: list, size: int) -> int:
     return sum(text_size(s, size)[1] + 3 for s in lines)
 
 
+def draw_title(img: Image.Image, y: int, title: str, subtitle: str) -> int:
+    """The title (17 px) and the subtitle's lines (12 px, grey) from height y at the left margin → the y below."""
+    if title:
+        draw_text(img, (12, y), title, 17)
+        y += text_block([title], 17)
+    for line in subtitle.split("\n") if subtitle else []:
+        draw_text(img, (12, y), line, 12, GREY)
+        y += text_block([line], 12)
+    return y
+
+
 # --- colours -------------------------------------------------------------------------------------------------
 
 def colormap(v, reverse: bool = False) -> np.ndarray:
@@ -141,13 +152,7 @@ def heatmap(values, row_labels, col_labels, title: str = "", subtitle: str = "",
     lay = heatmap_layout(values, row_labels, col_labels, title, subtitle, fmt)
     img = Image.new("RGB", lay["size"], WHITE)
     draw = ImageDraw.Draw(img)
-    y = lay["title_y"]
-    if title:
-        draw_text(img, (12, y), title, 17)
-        y += text_block([title], 17)
-    for line in subtitle.split("\n") if subtitle else []:
-        draw_text(img, (12, y), line, 12, GREY)
-        y += text_block([line], 12)
+    draw_title(img, lay["title_y"], title, subtitle)
     known = [v for row in values for v in row if v is not None]
     lo = min(known) if vmin is None and known else (vmin if vmin is not None else 0.0)
     hi = max(known) if vmax is None and known else (vmax if vmax is not None else 1.0)
@@ -360,13 +365,7 @@ def image_grid(cells: list, row_labels: list, col_labels: list, title: str = "",
     heights = [max([as_rgb(c).shape[0] for c in r if c is not None] or [64]) for r in cells]
     lay = grid_layout(widths, heights, row_labels, col_labels, title, subtitle, notes is not None)
     img = Image.new("RGB", lay["size"], WHITE)
-    y = lay["title_y"]
-    if title:
-        draw_text(img, (12, y), title, 17)
-        y += text_block([title], 17)
-    for line in subtitle.split("\n") if subtitle else []:
-        draw_text(img, (12, y), line, 12, GREY)
-        y += text_block([line], 12)
+    draw_title(img, lay["title_y"], title, subtitle)
     for j, label in enumerate(col_labels):
         x0, y0, x1, _ = lay["boxes"][0][j]
         draw_text(img, ((x0 + x1) // 2, y0 - 4), label, 13, anchor="mb")

@@ -792,6 +792,7 @@ def main(argv=None) -> None:
                 raise DataError(f"--table-out {out}: cannot write a file there; name a file in a writable folder")
         device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
             ("cpu" if args.device == "auto" else args.device)
+        runner.check_device(device)
         files = [x for x in args.paths if Path(x).is_file()]
         if args.figures and (files or not args.paths):
             raise DataError("--figures draws run folders: name run folders, not checkpoint files")

@@ -122,13 +122,18 @@ def check_flags(cfg, models: dict):
         ("seed", cfg.seed >= 0, "≥ 0"), ("seeds", all(s >= 0 for s in cfg.seeds), "≥ 0 each"),
         ("init", not cfg.init or Path(cfg.init).is_file(), "an existing checkpoint file"),
         ("out", cfg.out.strip() not in ("", "."), "a run folder (not empty, not the current folder)")])
+    check_device(cfg.device)
+
+
+def check_device(name: str):
+    """--device: cpu, or a CUDA device this machine has (one line and exit 2 otherwise)."""
     try:
-        dev = torch.device(cfg.device)
+        dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise DataError(f"--device {cfg.device}: not a device name; use auto, cpu, cuda or cuda:N") from None
+        raise DataError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N") from None
     n_gpu = torch.cuda.device_count() if dev.type == "cuda" else 0
     if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and (dev.index or 0) >= n_gpu):
-        raise DataError(f"--device {cfg.device}: this machine has {n_gpu} CUDA device(s); use auto, cpu"
+        raise DataError(f"--device {name}: this machine has {n_gpu} CUDA device(s); use auto, cpu"
                         + (f" or cuda:0..cuda:{n_gpu - 1}" if n_gpu else ""))
 
 

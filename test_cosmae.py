@@ -934,7 +934,9 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_pa
 def test_ctrl_c_says_where_and_how_to_resume_exit_130(tmp_path):
     cmd = [sys.executable, "-u", "cosmae.py", *TINY, "--epochs", "200", "--save-every", "1", "--log-every", "1",
            "--out", str(tmp_path / "run")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal gives it, even where pytest itself was started with SIGINT ignored (a background job)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if line.startswith("task 1 synth_red | ep 2/"):
             break
@@ -1601,6 +1603,11 @@ def test_unwritable_table_out_and_bad_bench_flags_are_refused_before_the_work(tm
     with pytest.raises(SystemExit) as e:
         eval_mlknn.main([str(tmp_path), "--table-out", str(tmp_path / "no" / "such" / "t.md")])
     assert e.value.code == 2 and "--table-out" in capsys.readouterr().err
+    for flags, message in ((["--device", "tpu"], "--device tpu: not a device name"),
+                           (["--model", "vit_huge"], "--model vit_huge: must be one of")):
+        with pytest.raises(SystemExit) as e:
+            eval_mlknn.main(["--ucmerced", str(tmp_path)] + flags)
+        assert e.value.code == 2 and message in capsys.readouterr().err
     bench = subprocess.run([sys.executable, "bench.py", "--repeats", "0"], cwd=ROOT, capture_output=True, text=True)
     assert bench.returncode == 2 and bench.stderr.strip() == "error: --repeats 0: must be ≥ 1"
 
@@ -2382,3 +2389,32 @@ def test_cli_figures_compare_labels_side_by_side(tmp_path, small_eval, capsys, o
     assert matrices.height > 2 * 150 and matrices.width > 2 * 300  # two labels × (A | R)
     with pytest.raises(SystemExit):
         eval_mlknn.main(["--figures", str(tmp_path / "figs")])  # no run folder named
+
+
+# --- the inferred choices that have a flag: λ1 per image, one teacher per epoch ------------------------------------
+
+def test_lam1_per_image_mixes_each_image_with_its_own_lambda(tmp_path, monkeypatch):
+    """Eq. (2) with --lam1-per image: row i of the mixed batch is λ1_i·x_i + (1 − λ1_i)·x_M,i."""
+    seen = []
+    real = cosmae.mix_batch
+    monkeypatch.setattr(cosmae, "mix_batch", lambda x, xm, lam: seen.append((x, xm, lam)) or real(x, xm, lam))
+    train(tiny_cfg(tmp_path, lam1_per="image", model_mixup=False))
+    x, xm, lam = seen[0]
+    assert lam.shape == (8, 1, 1, 1) and len(set(lam.flatten().tolist())) == 8  # one draw per image
+    mixed = real(x, xm, lam)
+    for i in range(8):
+        assert torch.allclose(mixed[i], lam[i, 0, 0, 0] * x[i] + (1 - lam[i, 0, 0, 0]) * xm[i])
+    recs = [r for r in records(tmp_path / "run") if r["task"] == 2]
+    assert all(0 < r["lam1"] < 1 for r in recs)  # the mean λ1 of the batch is logged
+
+
+def test_teacher_every_epoch_keeps_one_teacher_for_the_epoch(tmp_path, monkeypatch):
+    rebuilt = []
+    real = cosmae.MixupTeacher.rebuild
+    monkeypatch.setattr(cosmae.MixupTeacher, "rebuild", lambda self, lam2: rebuilt.append(lam2) or real(self, lam2))
+    train(tiny_cfg(tmp_path, teacher_every="epoch", epochs=2, log_every=1))
+    assert len(rebuilt) == 2  # task 2, two epochs: one teacher each
+    lam2 = [(r["epoch"], r["lam2"]) for r in records(tmp_path / "run") if r["task"] == 2]
+    assert [l for e, l in lam2 if e == 0] == [rebuilt[0]] * 4 and [l for e, l in lam2 if e == 1] == [rebuilt[1]] * 4
+    train(tiny_cfg(tmp_path, out=str(tmp_path / "step"), epochs=2))
+    assert len(rebuilt) == 2 + 8  # the default: a new teacher every step
