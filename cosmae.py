@@ -519,7 +519,7 @@ MODELS = {  # encoder width/depth/heads, decoder width/depth/heads, image and pa
     "vit_test": dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
                      decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
 }
-PRESETS = {  # the paper's for real data; a few-minute CPU run for synthetic (README, "Synthetic data")
+PRESETS = {  # the paper's for real data; a few-minute CPU run for synthetic (README, choice 12)
     "paper": dict(model="vit_base", epochs=300, batch_size=128, warmup_epochs=10, norm_pix_loss=False),
     "synthetic": dict(model="vit_tiny", epochs=16, batch_size=32, warmup_epochs=1, norm_pix_loss=True),
 }

@@ -61,7 +61,8 @@ def synth_image(rng: np.random.Generator, size: int, ground, tint, scale: float,
     centre line, shaded round crowns, striped roofs with shadows, cars with windscreens). Every colour (ground
     included) is moved by up to ±jitter·255 per channel around its palette value, so that, as with real roofs
     or fields, colour alone does not tell the labels: at jitter 0 the per-image colour mean and std alone
-    give 89.5 micro mAP, and a random-init encoder beats minutes of MAE pretraining (README, "Synthetic data")."""
+    give 89.5 micro mAP, and a random-init encoder beats minutes of MAE pretraining (README, "What `python
+    cosmae.py` shows")."""
     col = lambda c: np.clip(np.asarray(c, np.float32) + rng.uniform(-jitter, jitter, 3) * 255, 20, 235)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # [S, S] coordinates in [0, 1)
     f = rng.uniform(2, 6, 2)
@@ -108,7 +109,7 @@ def synth_image(rng: np.random.Generator, size: int, ground, tint, scale: float,
     return np.clip(img, 0, 255).astype(np.uint8), present.astype(np.uint8)
 
 
-SENSOR_NOISE = 140.0  # std of the sensors' noise, in grey levels (README, "Synthetic data")
+SENSOR_NOISE = 140.0  # std of the sensors' noise, in grey levels (README, "What `python cosmae.py` shows")
 SYNTH_TASKS = {  # the synthetic default: every region, seen by four sensors in turn → the band that holds the scene
     "synth_pan": None,  # panchromatic: the scene's brightness in all three bands, colour noise across them
     "synth_red": 0,  # the scene in band 1 (red), noise in bands 2 and 3
