@@ -10,7 +10,9 @@ this implementation's (README, "Inferred choices"). Fine-tuning (the sequential 
 As the paper says (§III-D), every method trains identically on the first task: each baseline's own term starts
 with task 2. Each baseline is attached to cosmae.train() through one seam (mammoth's design: a method is a step
 and end-of-task hooks): `step` replaces cosmae.train_step, runner.Run calls `start_task` / `end_task` around
-each task and keeps `state_dict` in every task checkpoint. The CoSMAE path never meets any of it.
+each task and keeps `state_dict` in every task checkpoint. Inside the shared step a baseline changes what the
+MAE sees (`inputs`: LUMP's mixup), adds a loss term (`term`: EWC, DER, PFR) or looks at the batch afterwards
+(`after_step`: LUMP's reservoir); ER enlarges the batch. The CoSMAE path never meets any of it.
 """
 from __future__ import annotations
 
@@ -80,8 +82,9 @@ class Baseline:
         pass
 
     def step(self, model, projector, teacher, opt, raw, buffer, rng, gen, cfg, mixup, lam2=None):
-        """Eq. (1) on the augmented batch, plus the baseline's term(model, projector, x, latent, buffer, gen)."""
-        x = augment(raw, cosmae.MODELS[cfg.model]["img_size"], gen)
+        """Eq. (1) on the batch of inputs(), plus the baseline's term(model, projector, x, latent, buffer, gen);
+        then after_step(raw, rng)."""
+        x, lam = self.inputs(raw, rng, gen)
         with autocast(cfg, x.device):
             loss_rec, _, _, latent = model(x, cfg.mask_ratio)
             extra = self.term(getattr(model, "module", model), projector, x, latent, buffer, gen)
@@ -89,10 +92,18 @@ class Baseline:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return (loss, loss_rec, extra.detach() if torch.is_tensor(extra) else torch.zeros_like(loss_rec)), 1.0, 1.0
+        self.after_step(raw, rng)
+        return (loss, loss_rec, extra.detach() if torch.is_tensor(extra) else torch.zeros_like(loss_rec)), lam, 1.0
+
+    def inputs(self, raw, rng, gen):
+        """The batch the MAE sees → (x [N, 3, H, W], the λ logged as lam1): the augmented raw batch, λ = 1."""
+        return augment(raw, cosmae.MODELS[self.cfg.model]["img_size"], gen), 1.0
 
     def term(self, model, projector, x, latent, buffer, gen):
         return 0.0
+
+    def after_step(self, raw, rng):
+        pass
 
 
 class ER(Baseline):
@@ -213,20 +224,18 @@ class LUMP(Baseline):
     def start_task(self, t, model, theta_prev):
         self.t = t
 
-    def step(self, model, projector, teacher, opt, raw, buffer, rng, gen, cfg, mixup, lam2=None):
-        img, lam = cosmae.MODELS[cfg.model]["img_size"], 1.0
-        x = augment(raw, img, gen)
+    def inputs(self, raw, rng, gen):
+        """From task 2 on: the augmented batch mixed with as many reservoir images, one λ ~ Beta(α, α)."""
+        x, lam = super().inputs(raw, rng, gen)
         if self.t > 1:
             pick = torch.from_numpy(rng.choice(min(self.seen, len(self.tiles)), len(x), replace=False))
-            lam = float(rng.beta(cfg.lump_alpha, cfg.lump_alpha))
-            x = mix_batch(x, augment(self.tiles[pick.to(x.device)], img, gen), lam)  # Eq. (2)'s form, LUMP's λ
-        with autocast(cfg, x.device):
-            loss = model(x, cfg.mask_ratio)[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        self.add(raw, rng)
-        return (loss, loss, torch.zeros_like(loss)), lam, 1.0
+            lam = float(rng.beta(self.cfg.lump_alpha, self.cfg.lump_alpha))
+            x_mem = augment(self.tiles[pick.to(x.device)], cosmae.MODELS[self.cfg.model]["img_size"], gen)
+            x = mix_batch(x, x_mem, lam)  # Eq. (2)'s form, LUMP's λ
+        return x, lam
+
+    def after_step(self, raw, rng):
+        self.add(raw, rng)  # the reservoir takes every batch of the stream, task 1 included
 
     def add(self, raw, rng):
         """Reservoir sampling: the i-th image seen goes to slot i while the buffer fills, then to a uniform slot
