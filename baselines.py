@@ -228,9 +228,9 @@ class LUMP(Baseline):
         """From task 2 on: the augmented batch mixed with as many reservoir images, one λ ~ Beta(α, α)."""
         x, lam = super().inputs(raw, rng, gen)
         if self.t > 1:
-            pick = torch.from_numpy(rng.choice(min(self.seen, len(self.tiles)), len(x), replace=False))
+            pick = rs_data.to_device(rng.choice(min(self.seen, len(self.tiles)), len(x), replace=False), x.device)
             lam = float(rng.beta(self.cfg.lump_alpha, self.cfg.lump_alpha))
-            x_mem = augment(self.tiles[pick.to(x.device)], cosmae.MODELS[self.cfg.model]["img_size"], gen)
+            x_mem = augment(self.tiles[pick], cosmae.MODELS[self.cfg.model]["img_size"], gen)
             x = mix_batch(x, x_mem, lam)  # Eq. (2)'s form, LUMP's λ
         return x, lam
 
@@ -248,7 +248,7 @@ class LUMP(Baseline):
         keep = np.flatnonzero(slot < m)
         _, last = np.unique(slot[keep][::-1], return_index=True)  # a slot drawn twice keeps the later image
         keep = keep[::-1][last]
-        self.tiles[torch.from_numpy(slot[keep]).to(raw.device)] = raw[torch.from_numpy(keep).to(raw.device)]
+        self.tiles[rs_data.to_device(slot[keep], raw.device)] = raw[rs_data.to_device(keep, raw.device)]
         self.seen += len(raw)
 
     def state_dict(self):

@@ -10,6 +10,11 @@
     (f) an ER step (baselines.py)            (a) on the batch plus ⌈0.045·B⌉ buffer images
     (g) a DER step (baselines.py)            (a) plus an unmasked encoder pass on ⌈0.14·B⌉ buffer images
 
+(h) --end-to-end: `python cosmae.py` itself, in the paper's shape: US3D then UAVid files generated in their
+    official layouts at their real sizes, read through the tile cache; task 1, then task 2 with the buffer and the
+    teacher; at least --e2e-steps steps of each. Its measured img/s (from metrics.jsonl) against (a) and (b), and
+    the share of the time the loop waited for the data.
+
 Each figure is the median of --repeats timed calls after --warmup calls; on CUDA the device is synchronised
 around each timed call, never inside it. FLOPs (forward + backward) are counted with FlopCounterMode over
 one step of (a), (b), (f) and (g): (b)/(a) in time should approach (b)/(a) in FLOPs, since everything (b) adds
@@ -21,17 +26,22 @@ Run:
     python bench.py --model vit_tiny --device cpu          # seconds
     python bench.py                                        # GPU: ViT-B/16, batch 128, bf16 autocast
     python bench.py --compile --json bench_h100.json       # torch.compile, and all figures as JSON
+    python bench.py --end-to-end                           # GPU: also a real run, 2 × 300 steps (~3 GB of files)
+    python bench.py --profile                              # also where the time of (a) and (b) goes
 """
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import torch
+from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -59,10 +69,16 @@ def parse_args():
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--peak-tflops", type=float, default=0, help="bf16 dense peak of a GPU not in PEAK_BF16")
     p.add_argument("--json", default="", help="also write all figures to this file")
+    p.add_argument("--profile", action="store_true", help="also where the time of (a) and (b) goes: torch.profiler's "
+                   "operations with the most self time on the device, and how busy the device was")
+    p.add_argument("--end-to-end", action="store_true", help="also run python cosmae.py on generated US3D and UAVid "
+                   "files in their official layouts (h) and compare its measured speed with (a) and (b)")
+    p.add_argument("--e2e-steps", type=int, default=300, help="steps of each of the two tasks of --end-to-end")
     args = p.parse_args()
     for name, ok, allowed in [("batch", args.batch >= 0, "≥ 0 (0 = by device)"),
                               ("repeats", args.repeats >= 1, "≥ 1"),
                               ("warmup", args.warmup >= 0, "≥ 0"), ("threads", args.threads >= 0, "≥ 0"),
+                              ("e2e_steps", args.e2e_steps >= 2, "≥ 2"),
                               ("peak_tflops", 0 <= args.peak_tflops < float("inf"), "a finite number ≥ 0")]:
         if not ok:
             raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {allowed}")
@@ -114,6 +130,87 @@ def paper_hours(ips_a: float, ips_b: float, batch: int) -> float:
     images/s, tasks 2-4 at (b)'s."""
     imgs = [n // batch * batch * PAPER_EPOCHS for n in PAPER_TRAIN.values()]
     return (imgs[0] / ips_a + sum(imgs[1:]) / ips_b) / 3600
+
+
+def profile(fns: dict, names: dict, device: torch.device, calls: int = 3, rows: int = 12) -> dict:
+    """Where the time of each fn goes: torch.profiler over `calls` calls after one warm-up call → per fn the wall
+    time of a call, the time the device was busy in it (on a GPU: the sum of its kernels' times; below the wall
+    time, the device waited for the host) and the `rows` operations with the most self time, printed."""
+    from torch.profiler import ProfilerActivity
+    cuda = device.type == "cuda"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    out = {}
+    for k, fn in fns.items():
+        fn()
+        sync()
+        acts = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+        with torch.profiler.profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            wall = (time.perf_counter() - t0) / calls
+        ops = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+        busy = sum(getattr(e, key) for e in ops) / calls / 1e6  # seconds per call
+        top = [(e.key, getattr(e, key) / calls / 1e3, 100 * getattr(e, key) / calls / 1e6 / busy) for e in ops[:rows]]
+        out[k] = dict(wall_ms=1e3 * wall, busy_ms=1e3 * busy, top=top)
+        where = "the device busy" if cuda else "the operations' self CPU time"
+        print(f"{names[k]}: {1e3 * wall:.1f} ms a call (profiled), {where} {1e3 * busy:.1f} ms of it"
+              f"{f' ({100 * busy / wall:.0f} %)' if cuda else ''}; the operations that took the most:")
+        for name, ms, pct in top:
+            print(f"    {pct:5.1f} %  {ms:8.2f} ms  {name[:90]}")
+    return out
+
+
+def write_layouts(root: Path, patches: int, rng: np.random.Generator):
+    """US3D and UAVid in their official layouts (README, "Data layout") at their real image sizes, with at least
+    `patches` training patches each: 1024×1024 RGB TIFF tiles (16 patches each) and 3840×2160 PNG frames (120
+    patches each), plus one validation image each. Random pixels: the speed does not depend on them."""
+    for sub, n in (("Train-Track1-RGB", -(-patches // 16)), ("Validate-Track1-RGB", 1)):
+        (root / "US3D" / sub).mkdir(parents=True)
+        for i in range(n):
+            tifffile.imwrite(root / "US3D" / sub / f"JAX_{i:03d}_001_RGB.tif",
+                             rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
+    for split, seq, n in (("uavid_train", "seq1", -(-patches // 120)), ("uavid_val", "seq16", 1)):
+        (root / "UAVid" / split / seq / "Images").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (2160, 3840, 3), dtype=np.uint8)).save(
+                root / "UAVid" / split / seq / "Images" / f"{i:06d}.png", compress_level=1)
+
+
+def end_to_end(args, cfg, ips: dict, tmp: Path) -> dict:
+    """(h): `python cosmae.py --tasks us3d uavid` on generated files, at least --e2e-steps steps a task (epochs of
+    about 20 steps: a 3840×2160 frame holds 120 patches, so UAVid's can be longer), everything as in a real run
+    (tile cache, background reading, checkpoints). → per task its img/s (the median of its metrics.jsonl records
+    after the first, which holds the warm-up; and over all those records together, epoch ends included) against
+    bench's (a) or (b), and its data wait."""
+    per_epoch = min(20, args.e2e_steps)
+    epochs = -(-args.e2e_steps // per_epoch)
+    t0 = time.perf_counter()
+    write_layouts(tmp / "data", per_epoch * cfg.batch_size, np.random.default_rng(1))
+    print(f"(h) end to end: files written in {time.perf_counter() - t0:.0f} s", flush=True)
+    cmd = [sys.executable, str(Path(__file__).with_name("cosmae.py")), "--tasks", "us3d", "uavid",
+           "--data-root", str(tmp / "data"), "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "run"),
+           "--model", cfg.model, "--batch-size", str(cfg.batch_size), "--epochs", str(epochs), "--warmup-epochs", "0",
+           "--log-every", str(max(1, args.e2e_steps // 10)), "--device", cfg.device, "--no-eval"]
+    cmd += ["--compile"] * args.compile + ["--no-amp"] * args.no_amp
+    print("$ " + " ".join(cmd), flush=True)
+    if subprocess.run(cmd).returncode:
+        raise DataError("(h) end to end: python cosmae.py failed (its message is above)")
+    recs = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    out = {}
+    for t, k in ((1, "a"), (2, "b")):
+        rs = [r for r in recs if r["task"] == t]
+        steps = [r["step"] - prev["step"] for prev, r in zip(rs, rs[1:])]  # the steps each record covers
+        rs = rs[1:]
+        imgs, secs = sum(steps) * cfg.batch_size, sum(n * cfg.batch_size / r["img/s"] for n, r in zip(steps, rs))
+        rate = statistics.median(r["img/s"] for r in rs)
+        out[k] = dict(task=("us3d", "uavid")[t - 1], steps=rs[-1]["step"],
+                      img_per_s_median=rate, img_per_s_overall=imgs / secs, of_bench=rate / ips[k],
+                      data_wait_max=max(r["data_wait"] for r in rs),
+                      data_wait_mean=sum(n * r["data_wait"] for n, r in zip(steps, rs)) / sum(steps))
+    return out
 
 
 def main():
@@ -217,9 +314,25 @@ def run_bench(args):
                    else "peak of this card unknown: give it with --peak-tflops")
             print(f"{names[k]:24s} {r[f'tflops_{k}']:8.1f} TFLOP/s = {f / batch / 1e9:.2f} GFLOP per image × "
                   f"{ips[k]:.0f} img/s ({mfu})")
+    if args.profile:
+        r["profile"] = profile(dict(a=step_a, b=step_b), names, device)
     r["paper_protocol_hours"] = paper_hours(ips["a"], ips["b"], batch)
     print(f"paper protocol projected from (a) and (b), not measured (4 tasks × {PAPER_EPOCHS} epochs of "
           f"{sum(PAPER_TRAIN.values())} images; task 1 at (a), 2-4 at (b)): {r['paper_protocol_hours']:.1f} h")
+    if args.end_to_end:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the run below is another process: leave it the memory of this one's steps
+        e2e = r["end_to_end"] = end_to_end(args, cfg, ips, Path(tmp.name))
+        for k, what in (("a", "task 1 (us3d), a MAE step"), ("b", "task 2 (uavid), a CoSMAE step")):
+            m = e2e[k]
+            print(f"(h) {what}: {m['img_per_s_median']:.1f} img/s in the loop (median of its records; "
+                  f"{m['img_per_s_overall']:.1f} over them all) = {100 * m['of_bench']:.1f} % of ({k})'s "
+                  f"{ips[k]:.1f} | data wait {100 * m['data_wait_mean']:.1f} % of the time, "
+                  f"at most {100 * m['data_wait_max']:.1f} % in a record")
+        r["paper_protocol_hours_measured"] = paper_hours(e2e["a"]["img_per_s_overall"],
+                                                         e2e["b"]["img_per_s_overall"], batch)
+        print(f"paper protocol at the loop's measured rates (over all records): "
+              f"{r['paper_protocol_hours_measured']:.1f} h (training only; no evaluation)")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
     tmp.cleanup()

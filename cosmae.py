@@ -264,7 +264,7 @@ class ReplayBuffer:
 
     def draw(self, n: int, gen: torch.Generator, device) -> torch.Tensor:
         """n indices into the stored tiles (task order), uniform with replacement → int64 [n] on `device`."""
-        return (torch.rand((n,), generator=gen, device=gen.device) * len(self)).long().to(device)
+        return (torch.rand((n,), generator=gen, device=device) * len(self)).long()
 
     def flat(self, device) -> torch.Tensor:
         """Every stored tile, task after task → uint8 [len, 3, S, S] on `device` (kept until the buffer changes)."""
@@ -363,7 +363,7 @@ def train_step(model, projector, teacher, opt, raw, buffer, rng, gen, cfg: Confi
     if mixup:  # λ1 once per batch (inferred, as LUMP), or once per image with --lam1-per image
         lam = draw_lambda(rng, cfg.lam1, cfg.alpha1, cfg.lam1_value, len(x) if per_image else None)
         lam1 = float(np.mean(lam))  # logged
-        lam = torch.tensor(lam, dtype=torch.float32, device=x.device).view(-1, 1, 1, 1) if per_image else lam
+        lam = rs_data.to_device(lam.astype(np.float32), x.device).view(-1, 1, 1, 1) if per_image else lam
         x = mix_batch(x, augment(buffer.sample(len(x), gen, x.device), img, gen), lam)  # with random buffer images
     with autocast(cfg, x.device):
         loss_rec, _, _, latent = model(x, cfg.mask_ratio)  # Eq. (1) on the masked (mixed) image

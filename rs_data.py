@@ -13,6 +13,7 @@ cosmae.py (training) and eval_mlknn.py (evaluation) read their data through this
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -519,6 +520,19 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet statisti
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
+@functools.cache
+def mean_std(device: torch.device) -> tuple:
+    """MEAN and STD on `device`, copied there once: a plain copy to a GPU inside a training step makes the host
+    wait until the GPU has run everything queued before it (a host sync)."""
+    return MEAN.to(device), STD.to(device)
+
+
+def to_device(a: np.ndarray, device) -> torch.Tensor:
+    """A host array on `device` without a host sync: through pinned memory, non-blocking, on a GPU."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return (t.pin_memory() if torch.device(device).type == "cuda" else t).to(device, non_blocking=True)
+
+
 def augment(tiles: torch.Tensor, size: int, gen: torch.Generator | None) -> torch.Tensor:
     """Random resized crop (area 0.8-1, aspect 3/4-4/3) + horizontal flip, per sample in one batched
     affine_grid/grid_sample, then normalisation. gen None = no augmentation (plain resize, for evaluation).
@@ -538,7 +552,8 @@ def augment(tiles: torch.Tensor, size: int, gen: torch.Generator | None) -> torc
         theta[:, 0, 2], theta[:, 1, 2] = (1 - w) * (2 * u[:, 2] - 1), (1 - h) * (2 * u[:, 3] - 1)
         grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)  # [N, size, size, 2]
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return (x - MEAN.to(x.device)) / STD.to(x.device)
+    mean, std = mean_std(x.device)
+    return (x - mean) / std
 
 
 def batches(tiles, batch_size: int, rng: np.random.Generator, device, share=(0, 1)):

@@ -503,8 +503,17 @@ class Run:
         return start
 
     def batches(self, tiles, batch_size: int, rng):
-        """One epoch of raw uint8 batches on the device (rs_data.batches); under torchrun this process's rows."""
-        return rs_data.batches(tiles, batch_size, rng, self.cfg.device, (self.rank, DIST["world"]))
+        """One epoch of raw uint8 batches on the device (rs_data.batches); under torchrun this process's rows. The
+        time the loop waits for each batch goes to the meter ("data wait": the share of the time the loop waited
+        for the data; near 0 %, loading is not what limits the speed)."""
+        it = rs_data.batches(tiles, batch_size, rng, self.cfg.device, (self.rank, DIST["world"]))
+        while True:
+            t0 = time.perf_counter()
+            raw = next(it, None)
+            self.meter.wait += time.perf_counter() - t0
+            if raw is None:
+                return
+            yield raw
 
     def wrap(self, module: nn.Module) -> nn.Module:
         """--compile: the module compiled in place (its forward); under torchrun a trained module in DDP."""
@@ -573,11 +582,12 @@ class Run:
 class Meter:
     """Progress lines and metrics.jsonl records every cfg.log_every steps. Losses stay on the device between log
     points: the only host syncs are at a log point, where a non-finite loss stops the run. Its running sums go
-    into last.pt, so the first record after a mid-task resume covers the same steps as without the stop."""
+    into last.pt, so the first record after a mid-task resume covers the same steps as without the stop. Each
+    record also gives the share of its time the loop waited for the next batch (data_wait)."""
 
     def __init__(self, run: Run, total: int):
         self.run, self.cfg, self.total = run, run.cfg, total
-        self.sums, self.n, self.imgs, self.t0 = None, 0, 0, time.time()
+        self.sums, self.n, self.imgs, self.wait, self.t0 = None, 0, 0, 0.0, time.perf_counter()
 
     def state_dict(self) -> dict:
         return dict(sums=self.sums.cpu() if self.sums is not None else None, n=self.n)
@@ -598,15 +608,16 @@ class Meter:
             raise DataError(f"non-finite loss (total {total}, rec {rec}, mim {mim}) {self.run.where}: stopped; every "
                             "checkpoint written so far is finite and kept. Lower --lr (or check the data) and start "
                             "again with another --out")
-        rate = self.imgs * DIST["world"] / max(time.time() - self.t0, 1e-9)
-        self.sums, self.n, self.imgs, self.t0 = None, 0, 0, time.time()
+        seconds = max(time.perf_counter() - self.t0, 1e-9)
+        rate, wait = self.imgs * DIST["world"] / seconds, min(1.0, self.wait / seconds)
+        self.sums, self.n, self.imgs, self.wait, self.t0 = None, 0, 0, 0.0, time.perf_counter()
         if not self.run.main:
             return
         eta = (self.total - step - 1) * self.cfg.batch_size / rate
         with rs_data.disk_errors(self.run.out / "metrics.jsonl"), open(self.run.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"task": t, "name": self.cfg.tasks[t - 1], "epoch": epoch, "step": step + 1,
                                 "loss/total": total, "loss/rec": rec, "loss/mim": mim, "lam1": lam1, "lam2": lam2,
-                                "lr": lr, "img/s": rate}) + "\n")
+                                "lr": lr, "img/s": rate, "data_wait": wait}) + "\n")
         print(f"task {t} {self.cfg.tasks[t - 1]} | ep {epoch + 1}/{self.cfg.epochs} | step {step + 1}/{self.total} | "
               f"loss {total:.4f} rec {rec:.4f} mim {mim:.4f} | λ1 {lam1:.2f} λ2 {lam2:.2f} | lr {lr:.2e} | "
-              f"{rate:.1f} img/s | ETA task {eta / 60:.1f} min", flush=True)
+              f"{rate:.1f} img/s, data wait {100 * wait:.0f} % | ETA task {eta / 60:.1f} min", flush=True)

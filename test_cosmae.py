@@ -9,6 +9,7 @@ import io
 import json
 import math
 import multiprocessing
+import os
 import re
 import resource
 import signal
@@ -365,7 +366,8 @@ def test_train_two_tiny_tasks_writes_checkpoints_and_finite_losses(tmp_path):
     names = [p.name for p in result["checkpoints"]]
     assert names == ["task1_synth_red.pt", "task2_synth_green.pt"]
     recs = records(tmp_path / "run")
-    assert {"loss/rec", "loss/mim", "loss/total", "lam1", "lam2", "img/s", "lr"} <= set(recs[0])
+    assert {"loss/rec", "loss/mim", "loss/total", "lam1", "lam2", "img/s", "lr", "data_wait"} <= set(recs[0])
+    assert all(0 <= r["data_wait"] <= 1 for r in recs)
     assert all(math.isfinite(r["loss/total"]) for r in recs)
     t1, t2 = [r for r in recs if r["task"] == 1], [r for r in recs if r["task"] == 2]
     assert all(r["lam1"] == 1 and r["lam2"] == 1 and r["loss/mim"] == 0 for r in t1)  # task 1: Eq. (1) alone
@@ -376,6 +378,21 @@ def test_train_two_tiny_tasks_writes_checkpoints_and_finite_losses(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == "vit_test"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["completed"] == 2 and summary["train_seconds"] > 0
+
+
+def test_data_wait_is_the_share_of_the_time_the_loop_waited_for_batches(tmp_path, monkeypatch):
+    real = rs_data.batches
+
+    def slow(*a, **k):  # a reader that needs 0.25 s a batch, far longer than a vit_test step
+        for raw in real(*a, **k):
+            time.sleep(0.25)
+            yield raw
+
+    monkeypatch.setattr(rs_data, "batches", slow)
+    train(tiny_cfg(tmp_path, tasks=["synth_red"]))
+    recs = records(tmp_path / "run")
+    assert len(recs) == 2 and all(r["data_wait"] > 0.6 for r in recs)
+    assert all(r["img/s"] < 2 * 8 / 0.25 for r in recs)  # 8 images a batch, one batch every ≥ 0.25 s
 
 
 def test_no_mixing_on_first_task(tmp_path, monkeypatch):
@@ -697,6 +714,86 @@ def test_cuda_bf16_run_with_evaluation_and_a_baseline(tmp_path, small_eval):
         assert (tmp_path / method / "reconstructions_T2.png").exists()
 
 
+# --- no host sync inside a training step -------------------------------------------------------------------
+
+class HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every operation that would make the host wait for a GPU: a device value read on the host (.item(),
+    float(), .tolist(), a boolean mask's nonzero) and a blocking copy from host memory to the device. The step
+    runs on the meta device (shapes only, no data), where both are visible without a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs, aten = kwargs or {}, torch.ops.aten
+        if func in (aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default):
+            self.found.append(f"{func} reads a device value")  # (on meta it then fails: there is no value)
+        out = func(*args, **kwargs)
+        leaves = lambda tree: [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+        if func in (aten._to_copy.default, aten.copy_.default):
+            blocking = not (kwargs.get("non_blocking") or (func == aten.copy_.default and len(args) > 2 and args[2]))
+            if blocking and any(t.device.type == "cpu" for t in leaves(args)) and \
+                    any(t.device.type == "meta" for t in leaves(out)):
+                import traceback
+                site = [f for f in traceback.extract_stack() if f.filename.startswith(str(ROOT))
+                        and ".venv" not in f.filename and "test_cosmae" not in f.filename]
+                self.found.append(f"blocking host→device copy at {site[-1].filename}:{site[-1].lineno}" if site
+                                  else "blocking host→device copy")
+        return out
+
+
+@pytest.mark.parametrize("method", ["mae", "cosmae", "cosmae-lam1-per-image", "er", "lump", "pfr"])
+def test_a_training_step_makes_the_host_wait_for_nothing(method):
+    meta, cpu_tiles = torch.device("meta"), np.random.default_rng(0).integers(0, 255, (16, 3, 37, 37), dtype=np.uint8)
+    kw = dict(tasks=["synth_red"], model="vit_test", batch_size=4, device="cpu", memory_size=8)
+    cfg = cosmae.resolve(Config(**kw, lam1_per="image" if "image" in method else "batch"))
+    model = cosmae.build_model(cfg).to(meta)
+    proj = cosmae.make_projector(48, 16).to(meta)
+    theta_prev = {k: v.detach().clone() for k, v in model.encoder_state_dict().items()}
+
+    class Opt:  # the fused AdamW kernel cannot run on meta; its step count lives on the device (no sync)
+        def zero_grad(self, set_to_none=True):
+            pass
+
+        def step(self):
+            pass
+
+    buffer = ReplayBuffer(8)
+    buffer.add_task(1, cpu_tiles, np.random.default_rng(0))
+    raw, rng, gen = torch.from_numpy(cpu_tiles[:4]).to(meta), np.random.default_rng(0), torch.Generator()
+    if method.startswith(("mae", "cosmae")):
+        teacher = cosmae.MixupTeacher(model, theta_prev) if method != "mae" else None
+
+        def step():
+            cosmae.train_step(model, proj, teacher, Opt(), raw, buffer, rng, gen, cfg, method != "mae")
+    else:
+        bcfg = baselines.resolve(baselines.BaselineConfig(**kw, method=method))
+        base = baselines.make(bcfg)
+        base.start_task(1, model, theta_prev)
+        base.step(model, proj, None, Opt(), raw, buffer, rng, gen, bcfg, False)  # LUMP's reservoir sees task 1
+        base.start_task(2, model, theta_prev)
+
+        def step():
+            base.step(model, proj, None, Opt(), raw, buffer, rng, gen, bcfg, False)
+    step()  # the first step copies constants to the device once (normalisation, the buffer's tiles)
+    with HostWaits() as waits:
+        step()
+        step()
+    assert waits.found == []
+
+
+def test_the_host_wait_detector_sees_reads_and_blocking_copies():
+    x = torch.ones(3, device="meta")
+    with HostWaits() as waits:
+        x + torch.ones(3).to("meta")  # blocking
+        x + torch.ones(3).to("meta", non_blocking=True)
+        x + rs_data.to_device(np.ones(3, np.float32), "meta")
+        with pytest.raises(Exception):
+            x.sum().item()  # meta has no value to read: the read is recorded and then fails
+    assert len(waits.found) == 2 and "blocking" in waits.found[0] and "reads" in waits.found[1]
+
+
 # --- --compile ---------------------------------------------------------------------------------------------
 
 def _three_steps(compile: bool):
@@ -712,9 +809,14 @@ def _three_steps(compile: bool):
     out = []
     for i in range(3):
         torch.manual_seed(i)
-        losses, _, _ = cosmae.train_step(net, proj, teacher, opt, raw, buf, np.random.default_rng(i),
-                                         torch.Generator().manual_seed(i), cfg, True)
-        out.append([v.item() for v in losses])
+        for g in opt.param_groups:
+            g["lr"] = 1e-3 * (i + 1)  # as the schedule changes it every step
+        # static shapes: steps 2 and 3 (other λ1, λ2, lr, weights) run the graphs compiled in step 1
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            losses, lam1, lam2 = cosmae.train_step(net, proj, teacher, opt, raw, buf, np.random.default_rng(i),
+                                                   torch.Generator().manual_seed(i), cfg, True)
+        out.append([v.item() for v in losses] + [lam1, lam2])
+    assert len({tuple(o[-2:]) for o in out}) == 3  # three different (λ1, λ2)
     return out
 
 
@@ -1598,6 +1700,28 @@ def test_eval_tables_never_mix_evaluation_sets_or_task_lists_and_count_a_folder_
     assert out.count("on UCMerced (800 test images) after each task") == 1 and " ± " not in out  # a counted once
 
 
+def test_bench_profile_and_end_to_end_run_of_cosmae_on_generated_official_layouts(tmp_path):
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, "bench.py", "--model", "vit_test", "--device", "cpu", "--batch", "4",
+                          "--repeats", "1", "--warmup", "0", "--end-to-end", "--e2e-steps", "4", "--profile",
+                          "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "task 1 us3d" in res.stdout and "task 2 uavid" in res.stdout  # the real loop's progress lines
+    assert res.stdout.count("the operations that took the most:") == 2
+    r = json.loads(out.read_text())
+    for k in "ab":  # the profile's table: the operations with the most self time, their shares adding up
+        top = r["profile"][k]["top"]
+        assert len(top) == 12 and any("addmm" in op or "linear" in op for op, _, _ in top)
+        assert 0 < sum(pct for _, _, pct in top) <= 100.01 and top[0][2] >= top[-1][2]
+    e2e = r["end_to_end"]
+    # us3d: one 1024×1024 tile = 16 patches = 4 steps; uavid: one 3840×2160 frame = 120 patches = 30 steps
+    assert (e2e["a"]["task"], e2e["a"]["steps"], e2e["b"]["task"], e2e["b"]["steps"]) == ("us3d", 4, "uavid", 30)
+    for k in "ab":
+        assert 0 <= e2e[k]["data_wait_mean"] <= e2e[k]["data_wait_max"] <= 1 and e2e[k]["of_bench"] > 0
+        assert "% of (" + k + ")'s" in res.stdout
+
+
 def test_unwritable_table_out_and_bad_bench_flags_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(eval_mlknn, "load_run", lambda *a: (_ for _ in ()).throw(AssertionError("work done")))
     with pytest.raises(SystemExit) as e:
@@ -1814,7 +1938,8 @@ def test_reserve_falls_back_to_writing_zeros_where_fallocate_is_not_supported(tm
     assert list((tmp_path / "c3").iterdir()) == []
 
 
-def _slow_build(root: Path, cache: Path):
+def _slow_build(root: Path, cache: Path, start):
+    start.wait(timeout=60)  # both processes are in flight before either builds (one never takes both jobs)
     real = rs_data.read_rgb
 
     def slow(*a, **k):
@@ -1829,8 +1954,9 @@ def _slow_build(root: Path, cache: Path):
 
 def test_two_processes_building_one_cache_at_once_both_succeed_with_one_build(tmp_path):
     make_potsdam(tmp_path / "d")
-    with CHILD.Pool(2) as pool:
-        results = [pool.apply_async(_slow_build, (tmp_path / "d", tmp_path / "c")) for _ in range(2)]
+    with CHILD.Manager() as manager, CHILD.Pool(2) as pool:
+        start = manager.Barrier(2)
+        results = [pool.apply_async(_slow_build, (tmp_path / "d", tmp_path / "c", start)) for _ in range(2)]
         (a, logs_a), (b, logs_b) = [r.get(timeout=60) for r in results]
     assert a.shape == (4, 3, 256, 256) and np.array_equal(a, b)
     builds = [m for m in logs_a + logs_b if "building the tile cache" in m]
