@@ -54,6 +54,7 @@ from rs_data import DataError
 
 PAPER_TRAIN = {"us3d": 21081, "uavid": 24560, "potsdam": 15870, "treesat": 15000}  # training images per task
 PAPER_EPOCHS = 300
+TMP_TODO = "free space in the temporary folder, or point TMPDIR at a folder with more, and rerun"
 PEAK_BF16 = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L4", 121)]  # dense TFLOP/s
 
 
@@ -188,7 +189,8 @@ def end_to_end(args, cfg, ips: dict, tmp: Path) -> dict:
     per_epoch = min(20, args.e2e_steps)
     epochs = -(-args.e2e_steps // per_epoch)
     t0 = time.perf_counter()
-    write_layouts(tmp / "data", per_epoch * cfg.batch_size, np.random.default_rng(1))
+    with rs_data.disk_errors(tmp / "data", TMP_TODO):
+        write_layouts(tmp / "data", per_epoch * cfg.batch_size, np.random.default_rng(1))
     print(f"(h) end to end: files written in {time.perf_counter() - t0:.0f} s", flush=True)
     cmd = [sys.executable, str(Path(__file__).with_name("cosmae.py")), "--tasks", "us3d", "uavid",
            "--data-root", str(tmp / "data"), "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "run"),
@@ -219,6 +221,9 @@ def main():
     except DataError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("bench.py: interrupted (nothing to resume: its files were temporary)", file=sys.stderr)
+        sys.exit(130)
 
 
 def run_bench(args):
@@ -239,8 +244,9 @@ def run_bench(args):
     teacher = cosmae.MixupTeacher(model, theta_prev, cfg.pool)
     net, teacher_c = (torch.compile(m, dynamic=False) for m in (model, teacher)) if compile_ else (model, teacher)
     tmp = tempfile.TemporaryDirectory()
-    tiles = tile_cache(Path(tmp.name) / "tiles.npy", max(cfg.memory_size, 16 * batch),
-                       rs_data.tile_size(cfg.tasks, img), rng)
+    with rs_data.disk_errors(Path(tmp.name) / "tiles.npy", TMP_TODO):
+        tiles = tile_cache(Path(tmp.name) / "tiles.npy", max(cfg.memory_size, 16 * batch),
+                           rs_data.tile_size(cfg.tasks, img), rng)
     buffer = cosmae.ReplayBuffer(cfg.memory_size)
     buffer.add_task(1, tiles, rng)
     raw = torch.from_numpy(np.array(tiles[:batch])).to(device)  # the same batch for every step

@@ -1734,6 +1734,15 @@ def test_unwritable_table_out_and_bad_bench_flags_are_refused_before_the_work(tm
         assert e.value.code == 2 and message in capsys.readouterr().err
     bench = subprocess.run([sys.executable, "bench.py", "--repeats", "0"], cwd=ROOT, capture_output=True, text=True)
     assert bench.returncode == 2 and bench.stderr.strip() == "error: --repeats 0: must be ≥ 1"
+    bench = subprocess.run([sys.executable, "bench.py", "--e2e-steps", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert bench.returncode == 2 and bench.stderr.strip() == "error: --e2e-steps 1: must be ≥ 2"
+    small_files = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))  # noqa: E731
+    bench = subprocess.run([sys.executable, "bench.py", "--model", "vit_test", "--device", "cpu"], cwd=ROOT,
+                           capture_output=True, text=True, preexec_fn=small_files, env={**os.environ,
+                                                                                         "TMPDIR": str(tmp_path)})
+    assert bench.returncode == 2 and bench.stderr.startswith("error: no space left on the device writing ")
+    assert "TMPDIR" in bench.stderr and len(bench.stderr.strip().splitlines()) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]  # its temporary folder removed
 
 
 # === rs_data.py for long, parallel runs: atomic writes, a full disk, the tile cache's lock, broken images, UCMerced ===
