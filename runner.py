@@ -609,7 +609,7 @@ class Meter:
                             "checkpoint written so far is finite and kept. Lower --lr (or check the data) and start "
                             "again with another --out")
         seconds = max(time.perf_counter() - self.t0, 1e-9)
-        rate, wait = self.imgs * DIST["world"] / seconds, min(1.0, self.wait / seconds)
+        rate, wait = self.imgs * DIST["world"] / seconds, self.wait / seconds
         self.sums, self.n, self.imgs, self.wait, self.t0 = None, 0, 0, 0.0, time.perf_counter()
         if not self.run.main:
             return
