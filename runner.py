@@ -153,6 +153,7 @@ def main(argv, config_cls, resolve, train, models: dict, make_method=None, evalu
             method = make_method(run_cfg) if make_method else None
             with Run(run_cfg, method, [evaluation(run_cfg)] if evaluation and run_cfg.eval else []) as run:
                 train(run_cfg, run, method.step) if method else train(run_cfg, run)
+        teardown_distributed()
     except DataError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
         sys.exit(2)
@@ -181,6 +182,15 @@ def setup_distributed(cfg):
         torch.cuda.set_device(cfg.device)
     if cfg.batch_size % DIST["world"]:
         raise DataError(f"--batch-size {cfg.batch_size} is not divisible by the {DIST['world']} processes")
+
+
+def teardown_distributed():
+    """After the last run under torchrun: each process waits for the others, then closes the process group (one
+    that closes it, or exits, while another is still in a collective can abort with SIGABRT)."""
+    if DIST["world"] > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:

@@ -649,7 +649,7 @@ def _ddp_worker(rank, world, port, cfg_kw, out):
     runner.setup_distributed(cfg)
     res = train(cfg)
     torch.save(res["model"].state_dict(), f"{out}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    runner.teardown_distributed()  # as runner.main ends a torchrun run
 
 
 def free_port() -> int:
@@ -684,7 +684,7 @@ def _gather_worker(rank, world, port, out):
     loss = mim_loss(runner.gather(mine), runner.gather(t[2 * rank:2 * rank + 2]), 0.5)
     loss.backward()
     torch.save(dict(loss=loss.detach(), grad=mine.grad), f"{out}/gather{rank}.pt")
-    torch.distributed.destroy_process_group()
+    runner.teardown_distributed()
 
 
 def test_eq4_over_the_global_batch_under_torchrun():
