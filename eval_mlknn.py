@@ -161,7 +161,8 @@ def picture(model, x, pred, mask) -> np.ndarray:
         pred = pred * (patches.var(-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(-1, keepdim=True)
     views = [x, model.unpatchify(patches * (1 - mask)), model.unpatchify(patches * (1 - mask) + pred * mask)]
     img = torch.cat([v for triple in zip(*views) for v in triple], 2)
-    img = img * rs_data.STD[0].to(x.device) + rs_data.MEAN[0].to(x.device)
+    mean, std = rs_data.mean_std(x.device)
+    img = img * std[0] + mean[0]
     return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
