@@ -166,6 +166,9 @@ def profile(fns: dict, names: dict, device: torch.device, calls: int = 3, rows: 
     return out
 
 
+E2E_TASKS = ("us3d", "uavid")  # the paper's first two tasks; write_layouts writes their files
+
+
 def write_layouts(root: Path, patches: int, rng: np.random.Generator):
     """US3D and UAVid in their official layouts (README, "Data layout") at their real image sizes, with at least
     `patches` training patches each: 1024×1024 RGB TIFF tiles (16 patches each) and 3840×2160 PNG frames (120
@@ -194,7 +197,7 @@ def end_to_end(args, cfg, ips: dict, tmp: Path) -> dict:
     with rs_data.disk_errors(tmp / "data", TMP_TODO):
         write_layouts(tmp / "data", per_epoch * cfg.batch_size, np.random.default_rng(1))
     print(f"(h) end to end: files written in {time.perf_counter() - t0:.0f} s", flush=True)
-    cmd = [sys.executable, str(Path(__file__).with_name("cosmae.py")), "--tasks", "us3d", "uavid",
+    cmd = [sys.executable, str(Path(__file__).with_name("cosmae.py")), "--tasks", *E2E_TASKS,
            "--data-root", str(tmp / "data"), "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "run"),
            "--model", cfg.model, "--batch-size", str(cfg.batch_size), "--epochs", str(epochs), "--warmup-epochs", "0",
            "--log-every", str(max(1, args.e2e_steps // 10)), "--device", cfg.device, "--no-eval"]
@@ -210,7 +213,7 @@ def end_to_end(args, cfg, ips: dict, tmp: Path) -> dict:
         rs = rs[1:]
         imgs, secs = sum(steps) * cfg.batch_size, sum(n * cfg.batch_size / r["img/s"] for n, r in zip(steps, rs))
         rate = statistics.median(r["img/s"] for r in rs)
-        out[k] = dict(task=("us3d", "uavid")[t - 1], steps=rs[-1]["step"],
+        out[k] = dict(task=E2E_TASKS[t - 1], steps=rs[-1]["step"],
                       img_per_s_median=rate, img_per_s_overall=imgs / secs, of_bench=rate / ips[k],
                       data_wait_max=max(r["data_wait"] for r in rs),
                       data_wait_mean=sum(n * r["data_wait"] for n, r in zip(steps, rs)) / sum(steps))
