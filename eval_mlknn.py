@@ -44,7 +44,7 @@ import torch
 from sklearn.metrics import average_precision_score
 from sklearn.neighbors import NearestNeighbors
 
-import draw
+from reports import draw
 import rs_data
 import runner
 from rs_data import DataError, atomic_write

@@ -24,7 +24,7 @@ from PIL import Image
 
 import cosmae
 import rs_data
-from draw import COLORS, MASK_COLOR, as_rgb, image_grid, line_plot, small_png, upscale, vstack
+from reports.draw import COLORS, MASK_COLOR, as_rgb, image_grid, line_plot, small_png, upscale, vstack
 
 def band_grey(x, band) -> np.ndarray:
     """[3, H, W] values in [0, 1] → uint8 [H, W]: one band (0, 1, 2) or the mean of the three (None)."""
@@ -187,7 +187,3 @@ def main(argv=None):
         small_png(img, out / f"{name}.png", 64 if name == "mixup" else 256)  # mixup: noise, 64 colours are plenty
         print(f"{out / name}.png  {img.width} x {img.height}  {(out / f'{name}.png').stat().st_size // 1024} KB  "
               f"({time.time() - t0:.1f} s)")
-
-
-if __name__ == "__main__":
-    main()

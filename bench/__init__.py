@@ -197,7 +197,7 @@ def end_to_end(args, cfg, ips: dict, tmp: Path) -> dict:
     with rs_data.disk_errors(tmp / "data", TMP_TODO):
         write_layouts(tmp / "data", per_epoch * cfg.batch_size, np.random.default_rng(1))
     print(f"(h) end to end: files written in {time.perf_counter() - t0:.0f} s", flush=True)
-    cmd = [sys.executable, str(Path(__file__).with_name("cosmae.py")), "--tasks", *E2E_TASKS,
+    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "cosmae.py"), "--tasks", *E2E_TASKS,
            "--data-root", str(tmp / "data"), "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "run"),
            "--model", cfg.model, "--batch-size", str(cfg.batch_size), "--epochs", str(epochs), "--warmup-epochs", "0",
            "--log-every", str(max(1, args.e2e_steps // 10)), "--device", cfg.device, "--no-eval"]
@@ -348,7 +348,3 @@ def run_bench(args):
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
     tmp.cleanup()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,373 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import baselines
+import cosmae
+from reports import draw
+import eval_mlknn
+import figures
+import rs_data
+import runner
+from cosmae import MAE, MODELS, Config, ReplayBuffer, mim_loss, mix_batch
+from rs_data import DataError
+from conftest import ROOT, make_datasets, make_ucmerced, tiny_cfg, train, ucm
+
+
+def test_forgetting_and_bwt_of_a_hand_checkable_matrix():
+    """Rows: init, after T1, T2, T3; columns: tasks 1-3.
+    final avg = (60 + 50 + 90) / 3 = 66.67.
+    forgetting: task 1: max(A[1][1], A[2][1]) − A[3][1] = max(70, 80) − 60 = 20; task 2: A[2][2] − A[3][2] = 60 − 50
+    = 10 → 15.   BWT: task 1: A[3][1] − A[1][1] = 60 − 70 = −10; task 2: 50 − 60 = −10 → −10."""
+    a = [[10, 10, 10], [70, 20, 20], [80, 60, 30], [60, 50, 90]]
+    r = eval_mlknn.forgetting_bwt(a)
+    assert math.isclose(r["final_avg_map"], 200 / 3) and r["avg_forgetting"] == 15 and r["bwt"] == -10
+    assert eval_mlknn.forgetting_bwt([[1.0], [2.0]]) == dict(final_avg_map=2.0, avg_forgetting=None, bwt=None)
+    up = eval_mlknn.forgetting_bwt([[0, 0], [50, 0], [60, 70]])  # task 1 improved later: forgetting < 0, BWT > 0
+    assert up["avg_forgetting"] == -10 and up["bwt"] == 10
+
+
+def test_run_evaluates_every_task_both_map_kinds_matrices_and_pictures(tmp_path, small_eval):
+    cfg = tiny_cfg(tmp_path, eval=True, tasks=["synth_red", "synth_green", "synth_blue"])
+    rows = train(cfg)["eval"]
+    assert [r["task"] for r in rows] == [0, 1, 2, 3]
+    for r in rows:
+        assert {"micro", "macro", "micro_binary", "macro_binary"} <= set(r)
+        assert len(r["per_task"]) == 3 and len(r["rec_loss"]) == 3  # A[t][·], R[t][·]: one column per task
+        assert all(0 <= v <= 100 for v in r["per_task"]) and all(v > 0 for v in r["rec_loss"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    want = eval_mlknn.forgetting_bwt([r["per_task"] for r in rows])
+    assert all(math.isclose(summary[k], want[k]) for k in ("final_avg_map", "avg_forgetting", "bwt"))
+    from PIL import Image
+    for t in range(4):
+        w, h = Image.open(tmp_path / "run" / f"reconstructions_T{t}.png").size
+        assert h == 3 * 32 * 8 and w == 6 * 32 * 8  # a row per task, 2 × (original, masked, reconstruction)
+    again = train(tiny_cfg(tmp_path, eval=True, tasks=["synth_red", "synth_green", "synth_blue"],
+                                  out=str(tmp_path / "again")))["eval"]
+    assert [r["rec_loss"] for r in again] == [r["rec_loss"] for r in rows]  # R is reproducible under a seed
+
+
+def test_reconstruction_loss_uses_fixed_masks(small_eval):
+    cfg = cosmae.resolve(Config(model="vit_test", device="cpu"))
+    model, tiles = cosmae.build_model(cfg), rs_data.synth_task("synth_red", 10, 37, 0)[0]
+    torch.manual_seed(1)
+    a = eval_mlknn.reconstruct(model, tiles, cfg.mask_ratio)
+    torch.manual_seed(2)  # whatever the global RNG: the same masks
+    b = eval_mlknn.reconstruct(model, tiles, cfg.mask_ratio)
+    assert a[0] == b[0] and np.array_equal(a[1], b[1]) and a[1].shape == (32, 6 * 32, 3)
+    assert eval_mlknn.reconstruct(model, tiles, cfg.mask_ratio, seed=5)[0] != a[0]
+
+
+def test_a_rerun_with_eval_fills_the_missing_rows(tmp_path, small_eval):
+    train(tiny_cfg(tmp_path))  # trained without evaluation
+    rows = train(tiny_cfg(tmp_path, eval=True))["eval"]  # the same run, rerun with --eval
+    assert [r["task"] for r in rows] == [0, 1, 2]
+    fresh = train(tiny_cfg(tmp_path, eval=True, out=str(tmp_path / "fresh")))["eval"]
+    for a, b in zip(rows, fresh):
+        assert math.isclose(a["micro"], b["micro"]) and a["rec_loss"] == pytest.approx(b["rec_loss"])
+
+
+def mlknn_loop(train_x, train_y, test_x, k, s):
+    """ML-kNN written out point by point (Zhang & Zhou 2007, Fig. 1)."""
+    m, q = train_y.shape
+    dist = lambda a, b: math.sqrt(sum((u - v) ** 2 for u, v in zip(a, b)))
+    neigh = lambda x, skip: sorted((i for i in range(m) if i != skip), key=lambda i: dist(x, train_x[i]))[:k]
+    train_neigh = [neigh(train_x[i], i) for i in range(m)]
+    out = np.zeros((len(test_x), q))
+    for l in range(q):
+        prior1 = (s + sum(train_y[i, l] for i in range(m))) / (2 * s + m)
+        c1, c0 = [0] * (k + 1), [0] * (k + 1)
+        for i in range(m):
+            count = sum(train_y[a, l] for a in train_neigh[i])
+            (c1 if train_y[i, l] == 1 else c0)[count] += 1
+        for n, x in enumerate(test_x):
+            count = sum(train_y[a, l] for a in neigh(x, None))
+            p1 = prior1 * (s + c1[count]) / (s * (k + 1) + sum(c1))
+            p0 = (1 - prior1) * (s + c0[count]) / (s * (k + 1) + sum(c0))
+            out[n, l] = p1 / (p1 + p0)
+    return out
+
+
+@pytest.mark.parametrize("k,s", [(1, 1.0), (3, 1.0), (10, 0.5)])
+def test_mlknn_matches_loop_reference(k, s):
+    rng = np.random.default_rng(k)
+    train_x, test_x = rng.normal(size=(40, 3)), rng.normal(size=(7, 3))
+    train_y = (rng.random((40, 4)) < [0.5, 0.2, 0.8, 0.0]).astype(int)
+    assert np.allclose(eval_mlknn.mlknn_scores(train_x, train_y, test_x, k, s),
+                       mlknn_loop(train_x, train_y, test_x, k, s), atol=1e-12)
+
+
+def test_mlknn_hand_checkable_example_with_a_label_that_never_occurs():
+    """x = 0, 1, 3, 10, 12 with label A = 1, 1, 0, 0, 0 and label B never present; k = 1, s = 1.
+    Nearest other point: 0→1, 1→0, 3→1, 10→12, 12→10, so C_A = 1, 1, 1, 0, 0.
+    A: prior 3/7; c1 = [0, 2], c0 = [2, 1]; P(E|H1) = [1/4, 3/4], P(E|H0) = [3/5, 2/5].
+       test 0.4 (neighbour x=0, C=1): (3/7·3/4) / (3/7·3/4 + 4/7·2/5) = 45/77;
+       test 11.2 (neighbour x=12, C=0): (3/7·1/4) / (3/7·1/4 + 4/7·3/5) = 5/21.
+    B: prior 1/7; c1 = [0, 0] → P(E|H1) = [1/2, 1/2]; c0 = [5, 0] → P(E|H0) = [6/7, 1/7]; C = 0:
+       (1/7·1/2) / (1/7·1/2 + 6/7·6/7) = 7/79 for both test points."""
+    train_x = np.array([[0.0], [1.0], [3.0], [10.0], [12.0]])
+    train_y = np.array([[1, 0], [1, 0], [0, 0], [0, 0], [0, 0]])
+    got = eval_mlknn.mlknn_scores(train_x, train_y, np.array([[0.4], [11.2]]), k=1, s=1.0)
+    assert np.allclose(got, [[45 / 77, 7 / 79], [5 / 21, 7 / 79]])
+
+
+def test_mlknn_duplicate_points_exclude_only_themselves():
+    """x = 0, 0, 5, 6 with A = 1, 0, 1, 1, k = 1: each copy of 0 has the OTHER copy as neighbour, so
+    C = 0, 1, 1, 1; c1 = [1, 2], c0 = [0, 1]; prior 2/3; test 5.4 (neighbour 5, C = 1):
+    (2/3·3/5) / (2/3·3/5 + 1/3·2/3) = 9/14. (Counting a point as its own neighbour would give 24/29.)"""
+    got = eval_mlknn.mlknn_scores(np.array([[0.0], [0.0], [5.0], [6.0]]), np.array([[1], [0], [1], [1]]),
+                                  np.array([[5.4]]), k=1, s=1.0)
+    assert np.allclose(got, [[9 / 14]])
+
+
+def test_both_map_kinds_rank_posteriors_and_decisions():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 2)), (rng.random((30, 3)) < 0.5).astype(int)
+    post = eval_mlknn.mlknn_scores(x, y, x[:10])  # k = 10, as the evaluation
+    r = eval_mlknn.evaluate_features(x, y, x[:10], y[:10])
+    assert math.isclose(r["micro"], eval_mlknn.map_scores(y[:10], post)["micro"])
+    assert math.isclose(r["micro_binary"], eval_mlknn.map_scores(y[:10], post > 0.5)["micro"])
+    assert math.isclose(r["macro_binary"], eval_mlknn.map_scores(y[:10], post > 0.5)["macro"])
+    y_true = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]])
+    perfect = eval_mlknn.map_scores(y_true, y_true * 0.9 + 0.05)
+    assert perfect["micro"] == 100 and perfect["macro"] == 100 and perfect["skipped"] == [2]
+    scores = rng.random((3, 3))
+    from sklearn.metrics import average_precision_score
+    got = eval_mlknn.map_scores(y_true, scores)
+    assert math.isclose(got["micro"], 100 * average_precision_score(y_true.ravel(), scores.ravel()))
+    assert math.isclose(got["macro"], 100 * np.mean([average_precision_score(y_true[:, i], scores[:, i]) for i in (0, 1)]))
+    with pytest.raises(rs_data.DataError, match="non-finite features"):
+        eval_mlknn.evaluate_features(np.full((4, 2), np.nan), y[:4], x[:2], y[:2])
+
+
+def test_mlknn_count_self_counts_each_training_point_as_its_own_neighbour():
+    """x = 0, 1, 5, 6 with A = 1, 0, 1, 1, k = 1, counting self (scikit-multilearn's MLkNN): each point's one
+    neighbour is itself, C = y = 1, 0, 1, 1; c1 = [0, 3], c0 = [1, 0]; prior 2/3; P(E|H1) = [1/5, 4/5],
+    P(E|H0) = [2/3, 1/3]; test 5.4 (neighbour 5, C = 1): (2/3·4/5) / (2/3·4/5 + 1/3·1/3) = 24/29."""
+    x, y = np.array([[0.0], [1.0], [5.0], [6.0]]), np.array([[1], [0], [1], [1]])
+    assert np.allclose(eval_mlknn.mlknn_scores(x, y, np.array([[5.4]]), k=1, s=1.0, count_self=True), [[24 / 29]])
+    assert not np.allclose(eval_mlknn.mlknn_scores(x, y, np.array([[5.4]]), k=1, s=1.0), [[24 / 29]])
+
+
+def fake_run(label, micro, per_task=None, seconds=3600.0):
+    rows = [dict(task=t, micro=v, macro=v, micro_binary=v / 2, macro_binary=v / 2, rec_loss=[0.5, 0.4],
+                 per_task=per_task[t] if per_task else None) for t, v in enumerate(micro)]
+    return dict(label=label, tasks=["a", "b"], rows=rows, train_seconds=seconds)
+
+
+def test_table_writer_layout_with_seeds_and_hours():
+    runs = [fake_run("finetune", (40, 50, 60)), fake_run("cosmae", (40, 50, 64), seconds=7200),
+            fake_run("cosmae", (40, 52, 66), seconds=9000)]
+    assert eval_mlknn.format_table(runs) == (
+        "| method | init | T1 (a) | T2 (b) | train h |\n"
+        "|---|---|---|---|---|\n"
+        "| finetune | 40.00 | 50.00 | 60.00 | 1.00 |\n"
+        "| cosmae | 40.00 ± 0.00 | 51.00 ± 1.00 | 65.00 ± 1.00 | 2.25 ± 0.25 |")
+    short = eval_mlknn.format_table([fake_run("x", (1, 2, 3), seconds=290.4)], "micro_binary")
+    assert short.endswith("| x | 0.50 | 1.00 | 1.50 | 290 |") and "train s" in short
+
+
+def test_forgetting_table_and_matrices_mean_and_std_over_seeds():
+    a1 = [[10, 10], [70, 20], [60, 80]]  # forgetting 10, BWT −10, final 70
+    a2 = [[10, 10], [70, 20], [50, 80]]  # forgetting 20, BWT −20, final 65
+    runs = [fake_run("ft", (1, 2, 3), a1, 100), fake_run("ft", (1, 2, 3), a2, 300)]
+    table = eval_mlknn.forgetting_table(runs)
+    assert table.splitlines()[-1] == "| ft | 67.50 ± 2.50 | 15.00 ± 5.00 | -15.00 ± 5.00 | 200 ± 100 |"
+    matrix = eval_mlknn.format_matrix(runs, "per_task")
+    assert "| after T2 (b) | 55.00 ± 5.00 | 80.00 ± 0.00 |" in matrix and "| init (random) |" in matrix
+
+
+def test_eval_cli_tables_of_runs_and_seeds(tmp_path, capsys, small_eval):
+    cosmae.main(["--tasks", "synth_red", "synth_green", "--model", "vit_test", "--epochs", "1", "--batch-size", "8",
+                 "--synth-train", "32", "--memory-size", "20", "--device", "cpu", "--seeds", "0", "1",
+                 "--out", str(tmp_path / "co")])
+    capsys.readouterr()
+    eval_mlknn.main([str(tmp_path / "co" / "seed0"), str(tmp_path / "co" / "seed1"), "--table-out", str(tmp_path / "t.md")])
+    table = (tmp_path / "t.md").read_text()
+    assert "| cosmae |" in table and "T2 (synth_green)" in table and " ± " in table
+    assert "micro ★ mAP" in table and "Table" in table and "avg forgetting" in table and "R[t][j]" in table
+    capsys.readouterr()
+    eval_mlknn.main([str(tmp_path / "co")])  # the --seeds folder: its seed folders
+    assert capsys.readouterr().out.strip() == table.strip()
+    with pytest.raises(SystemExit) as e:
+        eval_mlknn.main([str(tmp_path / "missing")])
+    assert e.value.code == 2 and f"run folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        eval_mlknn.main([str(tmp_path / "empty")])
+    assert e.value.code == 2 and "is not a run folder of cosmae.py or baselines.py (no config.json)" in \
+        capsys.readouterr().err
+
+
+def test_eval_file_does_not_import_the_method_file():
+    code = "import sys, eval_mlknn; assert 'cosmae' not in sys.modules, 'circle'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_eval_cli_scores_the_checkpoints_of_a_run_whose_training_data_is_gone(tmp_path, capsys):
+    import shutil
+    make_datasets(tmp_path / "d")
+    make_ucmerced(tmp_path / "U")
+    run, ucm = tmp_path / "run", str(tmp_path / "U")
+    cosmae.main(["--tasks", "potsdam", "treesat", "--data-root", str(tmp_path / "d"), "--model", "vit_test",
+                 "--epochs", "1", "--batch-size", "2", "--warmup-epochs", "0.5", "--no-eval", "--device", "cpu",
+                 "--cache-dir", str(tmp_path / "c"), "--out", str(run)])
+    shutil.rmtree(tmp_path / "d")
+    shutil.rmtree(tmp_path / "c")
+    capsys.readouterr()
+    eval_mlknn.main([str(run), "--ucmerced", ucm])
+    out = capsys.readouterr().out
+    rows = json.loads((run / "eval.json").read_text())
+    assert [(r["task"], r["eval_set"]) for r in rows] == [(t, eval_mlknn.UCMERCED) for t in (0, 1, 2)]
+    assert all(r["rec_loss"] is None and 0 <= r["micro"] <= 100 and 0 <= r["micro_binary"] <= 100 for r in rows)
+    assert "T2 (treesat)" in out and "UCMerced" in out
+    eval_mlknn.main([str(run), "--ucmerced", ucm])  # evaluated: nothing again, the same rows
+    assert json.loads((run / "eval.json").read_text()) == rows
+    eval_mlknn.main([str(run / "task2_treesat.pt"), "--ucmerced", ucm])  # one task checkpoint
+    assert f"| task2_treesat.pt | {rows[2]['micro']:.2f} | {rows[2]['macro']:.2f} |" in capsys.readouterr().out
+    enc = torch.load(run / "task2_treesat.pt", weights_only=True)["encoder"]  # facebookresearch/mae's layout
+    torch.save({"model": enc}, tmp_path / "mae_pretrain.pth")
+    eval_mlknn.main([str(tmp_path / "mae_pretrain.pth"), "--ucmerced", ucm, "--model", "vit_test"])
+    assert f"| mae_pretrain.pth | {rows[2]['micro']:.2f} |" in capsys.readouterr().out
+    eval_mlknn.main(["--model", "vit_test", "--ucmerced", ucm])  # the floor: a random-init encoder
+    assert f"| vit_test (random init, seed 0) | {rows[0]['micro']:.2f} |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        eval_mlknn.main([str(tmp_path / "mae_pretrain.pth")])
+    assert e.value.code == 2 and "needs --ucmerced" in capsys.readouterr().err
+
+
+def test_eval_tables_never_mix_evaluation_sets_or_task_lists_and_count_a_folder_once(tmp_path, capsys):
+    def fake(folder, tasks, sets):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(dict(method="cosmae", tasks=tasks, seed=0)))
+        rows = [dict(task=t, name="x", eval_set=s, micro=50.0 + t, macro=40.0, micro_binary=30.0, macro_binary=20.0,
+                     per_task=None, rec_loss=None) for s in sets for t in range(len(tasks) + 1)]
+        (folder / "eval.json").write_text(json.dumps(rows))
+    fake(tmp_path / "a", ["t1", "t2"], [eval_mlknn.SYNTHETIC, eval_mlknn.UCMERCED])
+    fake(tmp_path / "b", ["t1", "t2", "t3"], [eval_mlknn.SYNTHETIC])
+    eval_mlknn.main([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a") + "/"])
+    out = capsys.readouterr().out
+    assert out.count("on the synthetic multi-label set after each task") == 2  # a's and b's task lists apart
+    assert out.count("on UCMerced (800 test images) after each task") == 1 and " ± " not in out  # a counted once
+
+
+def test_informative_band_is_shown_in_grey():
+    rgb = np.array([[[30, 60, 91], [255, 0, 1]]], np.uint8)  # [1, 2, 3]
+    pan = eval_mlknn.band_view(rgb, eval_mlknn.task_band("synth_pan"))
+    assert pan[0, :, 0].tolist() == [60, 85] and (pan == pan[..., :1]).all()  # the mean of the bands, grey
+    for name, band in (("synth_red", 0), ("synth_green", 1), ("synth_blue", 2)):
+        assert eval_mlknn.task_band(name) == band
+        assert (eval_mlknn.band_view(rgb, band) == rgb[..., band:band + 1]).all()
+    assert eval_mlknn.task_band("potsdam") == "rgb" and eval_mlknn.band_view(rgb, "rgb") is rgb
+
+
+def test_panel_view_paints_the_removed_patches():
+    h = 4
+    original = np.random.default_rng(0).integers(0, 255, (h, h, 3), dtype=np.uint8)
+    masked = original.copy()
+    masked[:2, :2] = (124, 116, 104)  # a removed patch: MAE's mean colour
+    panel = np.concatenate([original, masked, original], 1)
+    out = eval_mlknn.panel_view(panel, 0)
+    assert (out[:2, h:h + 2] == draw.MASK_COLOR).all()
+    assert (out[2:, h:2 * h] == original[2:, :, :1]).all() and (out[:, :h] == original[..., :1]).all()
+    assert eval_mlknn.panel_view(panel, "rgb") is panel
+
+
+def picture_cfg(tmp_path, **kw):
+    base = dict(tasks=["synth_pan", "synth_red"], model="vit_test", epochs=1, batch_size=8, synth_train=32,
+                memory_size=20, log_every=2, out=str(tmp_path / "run"), device="cpu", warmup_epochs=0.5,
+                mim_form="simclr")
+    return cosmae.resolve(cosmae.Config(**{**base, **kw}))
+
+
+def run_with_eval(cfg):
+    """A run as `python cosmae.py` makes it, in process, with its evaluation callback."""
+    with runner.Run(cfg, callbacks=[eval_mlknn.Evaluation(cfg)]) as r:
+        cosmae.train(cfg, r)
+
+
+def check_run_pictures(out: Path, tasks: list, points: int):
+    """reconstructions.png: a row per task, a column per evaluation point, each cell the first tile of its task's
+    row of reconstructions_T<t>.png; the heat maps: a row per evaluation point, a column per task."""
+    rows = eval_mlknn.read_rows(out)
+    img, lay = eval_mlknn.reconstructions_picture(out, tasks, rows)
+    on_disk = np.asarray(Image.open(out / "reconstructions.png").convert("RGB"))
+    assert np.array_equal(on_disk, np.asarray(img))
+    assert len(lay["boxes"]) == len(tasks) and all(len(r) == points for r in lay["boxes"])
+    size = eval_mlknn.RECON_CELL
+    for t in range(points):
+        panel = np.asarray(Image.open(out / f"reconstructions_T{t}.png").convert("RGB"))
+        h = panel.shape[0] // len(tasks)
+        assert panel.shape[0] == h * len(tasks)
+        for j in range(len(tasks)):
+            x0, y0, x1, y1 = lay["boxes"][j][t]
+            assert (x1 - x0, y1 - y0) == (3 * size + 6, size)
+            original = np.asarray(Image.fromarray(panel[j * h:(j + 1) * h, :h]).resize((size, size), Image.BOX))
+            assert np.array_equal(on_disk[y0:y1, x0:x0 + size], original)
+            assert (original == original[..., :1]).all()  # a synthetic sensor: its band in grey
+            masked = on_disk[y0:y1, x0 + size + 3:x0 + 2 * size + 3]
+            assert (masked == draw.MASK_COLOR).all(-1).mean() > 0.5  # r = 0.75 of it removed (blue)
+    drawn = eval_mlknn.run_matrices(tasks, rows, "cosmae")
+    assert set(drawn) == {"accuracy_matrix.png", "reconstruction_matrix.png"}
+    for name, (img, lay) in drawn.items():
+        assert np.array_equal(np.asarray(Image.open(out / name).convert("RGB")), np.asarray(img))
+        assert len(lay["cells"]) == points and all(len(r) == len(tasks) for r in lay["cells"])
+
+
+def test_run_writes_reconstructions_and_matrix_pictures_also_after_a_resume(tmp_path, small_eval, monkeypatch,
+                                                                            one_thread):
+    cfg = picture_cfg(tmp_path)
+    real = cosmae.train_task
+
+    def crash_in_task_2(t, *a, **k):
+        if t == 2:
+            raise RuntimeError("the process dies here: only the files on disk survive")
+        return real(t, *a, **k)
+
+    monkeypatch.setattr(cosmae, "train_task", crash_in_task_2)
+    with pytest.raises(RuntimeError):
+        run_with_eval(cfg)
+    out = Path(cfg.out)
+    check_run_pictures(out, cfg.tasks, 2)  # init and after T1
+    before = np.asarray(Image.open(out / "reconstructions.png"))
+    monkeypatch.setattr(cosmae, "train_task", real)
+    run_with_eval(picture_cfg(tmp_path))  # a new process: the resume draws from what is on disk
+    check_run_pictures(out, cfg.tasks, 3)
+    after = np.asarray(Image.open(out / "reconstructions.png"))
+    assert after.shape[1] > before.shape[1] and after.shape[0] == before.shape[0]  # one more column, same rows
+    x_init = eval_mlknn.reconstructions_picture(out, cfg.tasks, eval_mlknn.read_rows(out))[1]["boxes"][0][0]
+    assert np.array_equal(after[x_init[1]:x_init[3], x_init[0]:x_init[2]], before[x_init[1]:x_init[3],
+                                                                                   x_init[0]:x_init[2]])
+
+
+def test_cli_figures_compare_labels_side_by_side(tmp_path, small_eval, capsys, one_thread):
+    for method in ("cosmae", "finetune"):
+        run_with_eval(picture_cfg(tmp_path, method=method, out=str(tmp_path / method)))
+    folders = [str(tmp_path / "cosmae"), str(tmp_path / "finetune")]
+    eval_mlknn.main(folders + ["--figures", str(tmp_path / "figs")])
+    assert "pictures:" in capsys.readouterr().out
+    labels = eval_mlknn.group_runs([e for f in folders for e in eval_mlknn.load_run(f)])
+    assert list(labels) == ["cosmae", "finetune"]
+    img, lay = eval_mlknn.compare_reconstructions(labels, ["synth_pan", "synth_red"])
+    assert len(lay["boxes"]) == 2 and all(len(r) == 2 for r in lay["boxes"])  # rows = tasks, a column per label
+    on_disk = np.asarray(Image.open(tmp_path / "figs" / "reconstructions.png").convert("RGB"))
+    assert on_disk.shape[:2] == (lay["size"][1], lay["size"][0])
+    for c, method in enumerate(labels):  # each label's column: its run's cells after its last task
+        own = eval_mlknn.reconstructions_picture(tmp_path / method, ["synth_pan", "synth_red"],
+                                                 eval_mlknn.read_rows(tmp_path / method))
+        own_img = np.asarray(own[0])
+        for j in range(2):
+            x0, y0, x1, y1 = lay["boxes"][j][c]
+            u0, v0, u1, v1 = own[1]["boxes"][j][-1]
+            assert np.array_equal(on_disk[y0:y1, x0:x1], own_img[v0:v1, u0:u1])
+    matrices = Image.open(tmp_path / "figs" / "matrices.png")
+    assert matrices.size == eval_mlknn.compare_matrices(labels, ["synth_pan", "synth_red"]).size
+    assert matrices.height > 2 * 150 and matrices.width > 2 * 300  # two labels × (A | R)
+    with pytest.raises(SystemExit):
+        eval_mlknn.main(["--figures", str(tmp_path / "figs")])  # no run folder named

@@ -1,0 +1,227 @@
+import ast
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cosmae
+from reports import draw
+import eval_mlknn
+import figures
+import rs_data
+import runner
+from rs_data import DataError
+from conftest import ROOT
+
+
+def project_imports(name: str) -> dict:
+    """{imported project module: 'module' (at the top of the file) or 'function' (inside a function)}."""
+    tree, found = ast.parse((ROOT / f"{name}.py").read_text()), {}
+    project = {p.stem for p in ROOT.glob("*.py")}
+    for node in ast.walk(tree):
+        mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        for m in mods:
+            if m.split(".")[0] in project:
+                where = "module" if node in tree.body or any(node in getattr(b, "body", []) for b in tree.body
+                                                           if isinstance(b, ast.Try)) else "function"
+                found[m.split(".")[0]] = "module" if found.get(m.split(".")[0]) == "module" else where
+    return found
+
+
+def test_method_file_is_the_paper_and_nothing_else():
+    """cosmae.py: at most 550 lines of at most 120 characters, and none of the run machinery (run folder,
+    checkpoint files, resume, metrics log, Ctrl-C, non-finite stops, flag checks, process groups)."""
+    src = (ROOT / "cosmae.py").read_text()
+    lines = src.splitlines()
+    assert len(lines) <= 550 and max(map(len, lines)) <= 120
+    tree = ast.parse(src)
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    machinery = {"json", "os", "sys", "Path", "open", "signal", "fcntl", "KeyboardInterrupt", "DataError", "DIST",
+                 "shard_rand", "all_mean", "Meter", "load_checkpoint", "save_torch", "enforce", "check_flags",
+                 "setup_distributed", "isfinite"}
+    assert not names & machinery, names & machinery
+    assert not attrs & {"save", "load", "compile", "_foreach_copy_", "_foreach_lerp_", "init_process_group",
+                        "DistributedDataParallel", "resume_task", "trim_metrics", "exit", "environ"}
+    modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
+        {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert modules <= {"__future__", "copy", "math", "contextlib", "dataclasses", "numpy", "torch", "eval_mlknn",
+                       "rs_data", "runner"}
+
+
+def test_no_import_circle_among_the_project_files():
+    """One allowed exception: eval_mlknn.py's command line builds the encoder with cosmae.py (inside a function)."""
+    files = [p.stem for p in ROOT.glob("*.py") if not p.stem.startswith("test_")]
+    graph = {f: project_imports(f) for f in files}
+    assert set(graph["runner"]) <= {"rs_data"} and set(graph["rs_data"]) == set()
+    assert graph["eval_mlknn"].get("cosmae") == "function" and "cosmae" not in [
+        m for m, where in graph["eval_mlknn"].items() if where == "module"]
+    edges = {f: {m for m in graph[f] if (f, m) != ("eval_mlknn", "cosmae")} for f in files}
+
+    def reaches(a, b, seen=()):
+        return any(m == b or (m not in seen and reaches(m, b, seen + (m,))) for m in edges.get(a, ()))
+    assert not [f for f in files if reaches(f, f)]
+
+SNIPPET = re.compile(r"```python\n(.*?)```[ \t]*\n\s*```text\n(.*?)```", re.S)
+
+
+def walkthrough_snippets(path: Path = ROOT / "WALKTHROUGH.md") -> list:
+    """[(code, printed output)] of the page: every ```python block and the ```text block right after it."""
+    text = path.read_text()
+    pairs = SNIPPET.findall(text)
+    assert len(pairs) == text.count("```python"), "every ```python block is followed by its ```text output block"
+    return pairs
+
+
+def run_snippets(pairs: list) -> list:
+    """Execute the snippets in order in one namespace → what each printed."""
+    namespace, printed = {"__name__": "walkthrough"}, []
+    for i, (code, _) in enumerate(pairs, 1):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, f"WALKTHROUGH.md snippet {i}", "exec"), namespace)
+        printed.append(out.getvalue())
+    return printed
+
+
+@pytest.fixture
+def restore_globals(monkeypatch, tmp_path):
+    """The snippets set module globals (small evaluation sets, print options, one torch thread): undone after."""
+    monkeypatch.setattr(rs_data, "SYNTH_EVAL", dict(rs_data.SYNTH_EVAL))
+    monkeypatch.setattr(rs_data, "REC_TILES", rs_data.REC_TILES)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the tiny run's folder
+    yield
+    torch.set_printoptions(profile="default")  # (the thread count: one_thread)
+
+
+def test_walkthrough_snippets_print_what_the_page_shows(restore_globals, one_thread):
+    pairs = walkthrough_snippets()
+    assert len(pairs) >= 8
+    assert all(len(code.strip().splitlines()) <= 15 for code, _ in pairs), "a snippet holds at most 15 lines"
+    for i, ((code, shown), got) in enumerate(zip(pairs, run_snippets(pairs)), 1):
+        assert same_printout(got, shown), f"snippet {i} printed\n{got}\nbut the page shows\n{shown}\n(code:\n{code})"
+
+DECIMAL = re.compile(r"-?\d+\.\d+(?:e[-+]?\d+)?")
+
+
+def same_printout(got: str, shown: str) -> bool:
+    """The same text, and the same decimal numbers up to their last digits (another CPU's float kernels may round
+    differently): 1e-3 relative or absolute. Integers, shapes and every word must be equal."""
+    if DECIMAL.sub("#", got) != DECIMAL.sub("#", shown):
+        return False
+    return all(math.isclose(float(x), float(y), rel_tol=1e-3, abs_tol=1e-3)
+               for x, y in zip(DECIMAL.findall(got), DECIMAL.findall(shown)))
+
+
+def test_printouts_compare_words_exactly_and_decimals_to_their_last_digits():
+    assert same_printout("L = 1.2967 (2, 16)\n", "L = 1.2968 (2, 16)\n")
+    assert not same_printout("L = 1.2967 (2, 16)\n", "L = 1.3067 (2, 16)\n")
+    assert not same_printout("L = 1.2967 (2, 17)\n", "L = 1.2967 (2, 16)\n")
+    assert not same_printout("R = 1.2967\n", "L = 1.2967\n")
+
+
+def test_walkthrough_parser_pairs_code_with_output():
+    page = ("x\n```python\nprint(1)\n```\n\n```text\n1\n```\n```bash\nls\n```\n"
+            "```python\nprint(2)\n```\n```text\n2\n```\n")
+    path = Path(tempfile.mkdtemp()) / "page.md"
+    path.write_text(page)
+    assert walkthrough_snippets(path) == [("print(1)\n", "1\n"), ("print(2)\n", "2\n")]
+    assert run_snippets(walkthrough_snippets(path)) == ["1\n", "2\n"]
+    path.write_text(page + "```python\nprint(3)\n```\n")  # a snippet without its output block
+    with pytest.raises(AssertionError):
+        walkthrough_snippets(path)
+
+
+def test_figures_command_writes_the_teaching_figures(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setitem(figures.FIGURES, "teacher", lambda: figures.teacher_figure(steps=3))  # fewer steps
+    figures.main(["--out", str(tmp_path)])
+    for name in ("beta_density", "mixup", "teacher", "masking"):
+        path = tmp_path / f"{name}.png"
+        assert 2_000 < path.stat().st_size < 200_000, name
+        w, h = Image.open(path).size
+        assert 500 <= w <= 1400 and 300 <= h <= 800, (name, w, h)
+
+
+def test_committed_figures_exist_are_small_and_linked_from_the_walkthrough():
+    page = (ROOT / "WALKTHROUGH.md").read_text()
+    for name in ("beta_density", "mixup", "teacher", "masking", "runs_matrices", "runs_reconstructions",
+                 "run_finetune_reconstructions"):
+        path = ROOT / "figures" / f"{name}.png"
+        assert path.is_file() and path.stat().st_size < 120_000 and f"(figures/{name}.png)" in page, name
+
+
+def test_heatmap_writes_the_number_in_every_cell():
+    values = [[1.0, 2.5], [None, 40.25]]
+    numbers, lay = draw.heatmap(values, ["a", "b"], ["x", "y"], "t", fmt="{:.2f}", with_layout=True)
+    blank, lay_blank = draw.heatmap(values, ["a", "b"], ["x", "y"], "t", fmt=lambda v: "", with_layout=True)
+    assert numbers.size == lay["size"] == draw.heatmap_layout(values, ["a", "b"], ["x", "y"], "t", "",
+                                                                   "{:.2f}")["size"]
+    numbers, blank = np.asarray(numbers), np.asarray(blank)
+    assert len(lay["cells"]) == 2 and all(len(r) == 2 for r in lay["cells"])
+    for v, (x0, y0, x1, y1), (u0, v0, u1, v1) in zip(sum(values, []), sum(lay["cells"], []),
+                                                     sum(lay_blank["cells"], [])):
+        without = blank[v0 + 2:v1 - 2, u0 + 2:u1 - 2].reshape(-1, 3)
+        with_number = numbers[y0 + 2:y1 - 2, x0 + 2:x1 - 2].reshape(-1, 3)
+        assert (len(np.unique(without, axis=0)) == 1) == (v is not None)  # no number: one plain colour (None: 'n/a')
+        background = with_number[0]
+        text = with_number[(with_number != background).any(1)]
+        assert 20 < len(text) < 0.6 * len(with_number)  # the number's strokes, inside the cell
+        ink = draw.GREY if v is None else draw.ink_on(background)  # dark or white on the colour, grey n/a
+        assert np.abs(text.astype(int) - np.array(ink)).sum(1).min() < 60
+    colours = {tuple(blank[v0 + 3, u0 + 3]) for u0, v0, _, _ in sum(lay_blank["cells"], [])}
+    assert len(colours) == 4  # three values on the colour map, one grey 'not measured'
+
+
+def test_colormap_runs_dark_to_bright_and_text_stays_readable():
+    c = draw.colormap(np.linspace(0, 1, 11)).astype(float)
+    lum = c @ [0.299, 0.587, 0.114]
+    assert (np.diff(lum) > 0).all()  # perceptual: brightness rises monotonically
+    assert np.array_equal(draw.colormap(0.2, reverse=True), draw.colormap(0.8))
+    assert draw.ink_on(draw.colormap(0.0)) == draw.WHITE
+    assert draw.ink_on(draw.colormap(1.0)) == draw.INK
+
+
+def test_text_is_drawn_with_a_legible_font_and_the_bitmap_fallback(monkeypatch):
+    for fallback in (False, True):
+        if fallback:
+            monkeypatch.setattr(draw, "font", lambda size: None)
+            draw.text_mask.cache_clear()
+        w, h = draw.text_size("after T1 (synth_pan)", 13)
+        assert 80 < w < 260 and 10 <= h <= 30
+        img = Image.new("RGB", (300, 60), draw.WHITE)
+        draw.draw_text(img, (150, 30), "R = 0.9836", 13, anchor="mm")
+        ink = np.argwhere(np.asarray(img).min(-1) < 128)
+        assert len(ink) > 20 and abs(ink[:, 1].mean() - 150) < 12 and abs(ink[:, 0].mean() - 30) < 8  # centred
+    draw.text_mask.cache_clear()
+
+
+def test_image_grid_places_each_picture_in_its_box():
+    cells = [[np.full((10, 20, 3), 50 * (i + 2 * j), np.uint8) for j in range(3)] for i in range(2)]
+    img = np.asarray(draw.image_grid(cells, ["r0", "r1"], ["c0", "c1", "c2"], "title", notes=[["n"] * 3] * 2))
+    lay = draw.grid_layout([20] * 3, [10] * 2, ["r0", "r1"], ["c0", "c1", "c2"], "title", "", True)
+    assert img.shape[:2] == (lay["size"][1], lay["size"][0])
+    for i in range(2):
+        for j in range(3):
+            x0, y0, x1, y1 = lay["boxes"][i][j]
+            assert (x1 - x0, y1 - y0) == (20, 10) and (img[y0:y1, x0:x1] == 50 * (i + 2 * j)).all()
+
+
+def test_line_plot_clips_curves_to_the_axes():
+    assert draw.clip_polyline([(0, 0), (1, 2), (2, 0)], 0, 1) == [[(0, 0), (0.5, 1.0)], [(1.5, 1.0), (2, 0)]]
+    assert draw.clip_polyline([(0, -1), (1, 3)], 0, 1) == [[(0.25, 0.0), (0.5, 1.0)]]  # through both edges
+    assert draw.clip_polyline([(0, 2), (1, 3)], 0, 1) == []
+    assert draw.nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    img = draw.line_plot([dict(x=[0, 1], y=[0, 5], label="a")], "t", "x", "y", ylim=(0, 1), size=(300, 200))
+    assert img.size == (300, 200)
