@@ -1,18 +1,10 @@
 """The other rows of the paper's Table II (§III-D): ER, EWC, DER, LUMP and PFR, built from cosmae.py's parts.
 
-The paper names these baselines and cites their papers but gives none of their settings; the defaults below are
-this implementation's (README, "Inferred choices"). Fine-tuning (the sequential MAE) is a switch of CoSMAE itself
-(`python cosmae.py --method finetune`); this file runs every row, that one included:
-
+The paper gives none of their settings: the defaults are ours (README, "Inferred choices"). Every method trains as
+fine-tuning on task 1 (§III-D). A baseline plugs into cosmae.train() as mammoth's methods do: `step` replaces
+cosmae.train_step (changing what the MAE sees, `inputs`; adding a loss, `term`; looking at the batch, `after_step`);
+runner.Run calls `start_task` / `end_task` and keeps `state_dict` in every checkpoint.
     python baselines.py --method lump          # any of: er ewc der lump pfr (and cosmae finetune)
-    python baselines.py --method ewc --ewc-lambda 10 --seeds 0 1 2
-
-As the paper says (§III-D), every method trains identically on the first task: each baseline's own term starts
-with task 2. Each baseline is attached to cosmae.train() through one seam (mammoth's design: a method is a step
-and end-of-task hooks): `step` replaces cosmae.train_step, runner.Run calls `start_task` / `end_task` around
-each task and keeps `state_dict` in every task checkpoint. Inside the shared step a baseline changes what the
-MAE sees (`inputs`: LUMP's mixup), adds a loss term (`term`: EWC, DER, PFR) or looks at the batch afterwards
-(`after_step`: LUMP's reservoir); ER enlarges the batch. The CoSMAE path never meets any of it.
 """
 from __future__ import annotations
 
@@ -27,39 +19,33 @@ import cosmae
 import eval_mlknn
 import rs_data
 import runner
-from cosmae import arg, autocast, mix_batch, pool_tokens
-from rs_data import augment
-from runner import gather
+from cosmae import arg, mix_batch, pool_tokens
+from rs_data import DataError, augment
 
 
 @dataclass
 class BaselineConfig(cosmae.Config):
     method: str = arg("er", "a Table II row: er ewc der lump pfr, or cosmae finetune",
                       choices=["er", "ewc", "der", "lump", "pfr", "cosmae", "finetune"])
-    replay_batch: int = arg(0, "ER and DER: buffer images per step (0 = by method: ER ⌈0.045·B⌉, DER "
-                               "⌈0.14·B⌉, so that their cost over fine-tuning on tasks 2-4 is what Table II's "
-                               "hours imply: +4.5 % and +25 %)")
-    ewc_lambda: float = arg(100.0, "EWC: penalty weight λ_EWC (not given in the paper; not tuned)")
-    ewc_batches: int = arg(16, "EWC: batches used to estimate the diagonal Fisher after each task")
-    der_alpha: float = arg(0.1, "DER: weight of the feature-replay MSE (LUMP's DER default)")
-    pfr_weight: float = arg(1.0, "PFR: weight of the cosine regulariser (not given in the paper)")
-    lump_alpha: float = arg(0.4, "LUMP: α of its λ ~ Beta(α, α), one draw per step (LUMP's own value)")
+    replay_batch: int = arg(0, "ER and DER: buffer images per step (0 = by method: ER ⌈0.045·B⌉, DER ⌈0.14·B⌉: "
+                               "their cost over fine-tuning in Table II's hours, +4.5 % and +25 %)", ge=0)
+    ewc_lambda: float = arg(100.0, "EWC: penalty weight λ_EWC (not given in the paper; not tuned)", ge=0)
+    ewc_batches: int = arg(16, "EWC: batches used to estimate the diagonal Fisher after each task", ge=1)
+    der_alpha: float = arg(0.1, "DER: weight of the feature-replay MSE (LUMP's DER default)", ge=0)
+    pfr_weight: float = arg(1.0, "PFR: weight of the cosine regulariser (not given in the paper)", ge=0)
+    lump_alpha: float = arg(0.4, "LUMP: α of its λ ~ Beta(α, α), one draw per step (LUMP's own value)", gt=0)
 
 
 def resolve(cfg: BaselineConfig) -> BaselineConfig:
-    """cosmae.resolve (presets, switches: no data mixup and no CoSMAE teacher for these methods, checks), then
-    this file's flags."""
+    """cosmae.resolve (presets; none of CoSMAE's regularisers for these methods), then ER's and DER's replay batch;
+    a method that replays the buffer needs one (LUMP: a batch of it)."""
     cfg, method = cosmae.resolve(cfg), cfg.method
     if method in ("er", "der"):
         cfg.replay_batch = cfg.replay_batch or math.ceil(cfg.batch_size * (0.045 if method == "er" else 0.14))
-    rules = [("replay_batch", cfg.replay_batch >= 0, "≥ 0 (0 = by method)"),
-             ("memory_size", method not in ("er", "der", "lump") or cfg.memory_size >= max(1, cfg.batch_size * (
-                 method == "lump")), f"≥ {'--batch-size' if method == 'lump' else 1} for {method} (it replays "
-              "the buffer)"),
-             ("ewc_lambda", cfg.ewc_lambda >= 0, "≥ 0"), ("ewc_batches", cfg.ewc_batches >= 1, "≥ 1"),
-             ("der_alpha", cfg.der_alpha >= 0, "≥ 0"), ("pfr_weight", cfg.pfr_weight >= 0, "≥ 0"),
-             ("lump_alpha", cfg.lump_alpha > 0, "> 0 (Beta(α, α))")]
-    runner.enforce(cfg, rules)
+    need = cfg.batch_size if method == "lump" else 1 if method in ("er", "der") else 0
+    if cfg.memory_size < need:
+        raise DataError(f"--memory-size {cfg.memory_size}: must be ≥ {'--batch-size' if method == 'lump' else 1} "
+                        f"for {method} (it replays the buffer)")
     return cfg
 
 
@@ -82,10 +68,9 @@ class Baseline:
         pass
 
     def step(self, model, projector, teacher, opt, raw, buffer, rng, gen, cfg, mixup, lam2=None):
-        """Eq. (1) on the batch of inputs(), plus the baseline's term(model, projector, x, latent, buffer, gen);
-        then after_step(raw, rng)."""
+        """Eq. (1) on the batch of inputs(), plus the baseline's term(...); then after_step(raw, rng)."""
         x, lam = self.inputs(raw, rng, gen)
-        with autocast(cfg, x.device):
+        with runner.autocast(x.device, cfg.amp):
             loss_rec, _, _, latent = model(x, cfg.mask_ratio)
             extra = self.term(getattr(model, "module", model), projector, x, latent, buffer, gen)
             loss = loss_rec + extra
@@ -157,9 +142,8 @@ class EWC(Baseline):
 
 
 class DER(Baseline):
-    """DER [11] as LUMP adapts it to self-supervision: the encoder features (plain resize) of each buffer image
-    are stored when it enters the buffer; from task 2 on, α · MSE between the current features of
-    cfg.replay_batch drawn buffer images and their stored ones."""
+    """DER [11] as LUMP adapts it to self-supervision: each buffer image's encoder features (plain resize) stored
+    when it enters the buffer; from task 2 on, α · MSE of the current and stored features of replay_batch of them."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -200,8 +184,8 @@ class PFR(Baseline):
     def term(self, model, projector, x, latent, buffer, gen):
         if self.old is None:
             return 0.0
-        z_old = gather(self.old(x))  # [N, D]
-        p = gather(projector(pool_tokens(latent, self.cfg.pool)))  # [N, D]
+        z_old = runner.gather(self.old(x))  # [N, D]
+        p = runner.gather(projector(pool_tokens(latent, self.cfg.pool)))  # [N, D]
         return self.cfg.pfr_weight * pfr_loss(p, z_old)
 
 
@@ -211,11 +195,9 @@ def pfr_loss(p, z_old):
 
 
 class LUMP(Baseline):
-    """LUMP [8] (Madaan et al., ICLR 2022; their code divyam3897/UCL, models/mixup.py and utils/buffer.py): its own
-    reservoir buffer of the stream (M images, a uniform sample of every image seen so far, not balanced per task),
-    filled after every step; from task 2 on (§III-D: the first task trains as every method), the batch is mixed
-    with as many buffer images drawn without replacement, λ ~ Beta(α, α) once per step, and the SSL loss (Eq. (1))
-    is computed on the mixed batch only. cosmae.py's balanced buffer is not used."""
+    """LUMP [8] (Madaan et al., ICLR 2022; code divyam3897/UCL): its own reservoir of the stream (M images, a uniform
+    sample of all seen, not balanced per task), filled after every step; from task 2 on, Eq. (1) on the batch mixed
+    with as many reservoir images drawn without replacement, one λ ~ Beta(α, α) per step."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -238,8 +220,7 @@ class LUMP(Baseline):
         self.add(raw, rng)  # the reservoir takes every batch of the stream, task 1 included
 
     def add(self, raw, rng):
-        """Reservoir sampling: the i-th image seen goes to slot i while the buffer fills, then to a uniform slot
-        of [0, i] if that is < M (each image seen so far stays with probability M / seen)."""
+        """Reservoir sampling: image i fills slot i while there is room, then a uniform slot of [0, i] if < M."""
         m = self.cfg.memory_size
         if self.tiles is None:
             self.tiles = torch.zeros((m, *raw.shape[1:]), dtype=torch.uint8, device=raw.device)
@@ -262,13 +243,17 @@ class LUMP(Baseline):
 BASELINES = {"er": ER, "ewc": EWC, "der": DER, "lump": LUMP, "pfr": PFR}
 
 
-def make(cfg: BaselineConfig):
-    """The baseline object of cfg.method, or None for cosmae / finetune (cosmae.py's own path)."""
+def make(cfg: BaselineConfig):  # the baseline of cfg.method; None for cosmae and finetune (cosmae.py's own path)
     return BASELINES[cfg.method](cfg) if cfg.method in BASELINES else None
 
 
-def main(argv=None):
-    runner.main(argv, BaselineConfig, resolve, cosmae.train, cosmae.MODELS, make, eval_mlknn.Evaluation)
+def main(argv=None):  # `python baselines.py --help`: every flag; one run per seed, as cosmae.main
+    def run_all():
+        for cfg in runner.seed_runs(resolve(runner.parse_args(BaselineConfig, argv))):
+            method = make(cfg)
+            with runner.Run(cfg, method, [eval_mlknn.Evaluation(cfg)] if cfg.eval else []) as run:
+                cosmae.train(cfg, run, method.step) if method else cosmae.train(cfg, run)
+    runner.cli(run_all)
 
 
 if __name__ == "__main__":

@@ -21,21 +21,13 @@ Index of the paper → code (grep "Eq. (" to find each tag at the line that comp
 Notation: N batch, L patches, D width, p patch size, H×W image; λ1 = lam1, λ2 = lam2, τ = tau, β = beta,
 θ_{t−1} = theta_prev; mask convention as in MAE: 1 = removed, 0 = kept.
 
-Run:
-    python cosmae.py --epochs 2 --synth-train 256     # a one-minute CPU run on the 4 synthetic RS tasks
-    python cosmae.py                                   # the synthetic default: forgetting and its cure (~5 min)
-    python cosmae.py --tasks us3d uavid potsdam treesat --data-root DATA --ucmerced DATA/UCMerced_LandUse
-    python baselines.py --method lump                  # the other rows of Table II: er ewc der lump pfr
-    python eval_mlknn.py runs/cosmae                   # the tables of finished runs (or: evaluate checkpoints)
-
-Beside it: runner.py (run folder, resume, checks, stops), rs_data.py (data, augmentation), eval_mlknn.py (ML-kNN).
-Every choice the paper leaves open: README.md ("Inferred choices"). A guided tour for a lecture: WALKTHROUGH.md.
+Run: `python cosmae.py` (synthetic tasks, ~5 min; --help: every flag); real data, baselines.py, eval_mlknn.py: README.
+Beside it: runner/ (run folder, resume, flag checks, stops), rs_data/ (data, augmentation); a tour: WALKTHROUGH.md.
 """
 from __future__ import annotations
 
 import copy
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,8 +38,6 @@ import torch.nn.functional as F
 import eval_mlknn
 import rs_data
 import runner
-from rs_data import augment
-from runner import gather
 
 
 # --- §II-A. The MAE (ViT encoder, lightweight ViT decoder) and Eq. (1) -----------------------------------------
@@ -235,11 +225,6 @@ def build_model(cfg: Config) -> MAE:
     return MAE(**MODELS[cfg.model], norm_pix_loss=cfg.norm_pix_loss)
 
 
-def autocast(cfg: Config, device: torch.device):
-    """bf16 autocast on CUDA (no loss scaler needed), nothing on CPU."""
-    return torch.autocast("cuda", torch.bfloat16) if cfg.amp and device.type == "cuda" else nullcontext()
-
-
 # --- §II-B. Data mixup with a memory buffer of past tasks ---------------------------------------------------------
 # A task is an array of raw uint8 tiles [n, 3, S, S]; batches are augmented on the device (§III-B: random resized
 # crop and flip, rs_data.augment), so the buffer keeps raw tiles and augments them afresh whenever they are drawn.
@@ -292,8 +277,7 @@ def draw_lambda(rng: np.random.Generator, how: str, alpha: float, value: float, 
 
 
 def mix_batch(x, x_mem, lam1):
-    """x, x_mem: [N, 3, H, W] current and buffer images (augmented, normalised); λ1 a float or [N, 1, 1, 1]
-    → mixed [N, 3, H, W]."""
+    """x, x_mem [N, 3, H, W]: current and buffer images (augmented); λ1 a float or [N, 1, 1, 1] → [N, 3, H, W]."""
     # Eq. (2)  X̃_i = λ1·X_i + (1−λ1)·X_j^M
     return lam1 * x + (1 - lam1) * x_mem
 
@@ -359,13 +343,13 @@ def train_step(model, projector, teacher, opt, raw, buffer, rng, gen, cfg: Confi
     """One step on a raw uint8 batch [B, 3, S, S] on the device: augment, Eq. (2) (t ≥ 2), (1), (3), (4), (5),
     AdamW (lam2: --teacher-every epoch's). → (loss, loss_rec, loss_mim) device tensors (no host sync), λ1, λ2."""
     img, per_image = MODELS[cfg.model]["img_size"], cfg.lam1_per == "image"
-    x, lam1 = augment(raw, img, gen), 1.0
+    x, lam1 = rs_data.augment(raw, img, gen), 1.0
     if mixup:  # λ1 once per batch (inferred, as LUMP), or once per image with --lam1-per image
         lam = draw_lambda(rng, cfg.lam1, cfg.alpha1, cfg.lam1_value, len(x) if per_image else None)
         lam1 = float(np.mean(lam))  # logged
         lam = rs_data.to_device(lam.astype(np.float32), x.device).view(-1, 1, 1, 1) if per_image else lam
-        x = mix_batch(x, augment(buffer.sample(len(x), gen, x.device), img, gen), lam)  # with random buffer images
-    with autocast(cfg, x.device):
+        x = mix_batch(x, rs_data.augment(buffer.sample(len(x), gen, x.device), img, gen), lam)  # with buffer images
+    with runner.autocast(x.device, cfg.amp):
         loss_rec, _, _, latent = model(x, cfg.mask_ratio)  # Eq. (1) on the masked (mixed) image
         loss_mim = torch.zeros_like(loss_rec)
         if teacher is not None:
@@ -375,7 +359,7 @@ def train_step(model, projector, teacher, opt, raw, buffer, rng, gen, cfg: Confi
             c_tilde = teacher(x)  # [N, D] teacher features of the unmasked image
             c = pool_tokens(latent, cfg.pool)  # [N, D] student features of its visible tokens
             # under torchrun: Eq. (4) over the global batch (gather: the features of every process)
-            loss_mim = mim_loss(gather(projector(c)), gather(c_tilde), cfg.tau, cfg.mim_form)
+            loss_mim = mim_loss(runner.gather(projector(c)), runner.gather(c_tilde), cfg.tau, cfg.mim_form)
         loss = loss_rec + cfg.beta * loss_mim  # Eq. (5)  L = L_Recon + β·L_MIM
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -401,8 +385,7 @@ def lr_at(step: float, total: int, warmup: float, lr: float) -> float:
 
 
 def train_task(t: int, tiles, model, projector, buffer, theta_prev, cfg: Config, run, step_fn=train_step):
-    """Task t (1-based), a fresh optimiser and schedule; mixup and teacher from t = 2. `run` (runner.Run) keeps the
-    run folder and says where to start; step_fn: a Table II baseline's own step (baselines.py) instead of CoSMAE's."""
+    """Task t (1-based), a fresh optimiser and schedule; mixup and teacher from t = 2; step_fn: a baseline's step."""
     opt = make_optimizer(model, projector, cfg)
     teacher = run.wrap(MixupTeacher(model, theta_prev, cfg.pool)) if t > 1 and cfg.model_mixup else None
     mixup, steps = t > 1 and cfg.data_mixup, len(tiles) // cfg.batch_size  # steps per epoch
@@ -425,8 +408,7 @@ def train_task(t: int, tiles, model, projector, buffer, theta_prev, cfg: Config,
 
 
 def train(cfg: Config, run, step_fn=train_step) -> MAE:
-    """The task loop: T_1..T_T in order → the MAE after T_T. `run` (runner.Run) is told when a task starts and ends
-    and after every step, and tells which tasks are already finished (a resumed run loads the last one's state)."""
+    """The task loop: T_1..T_T in order → the MAE after T_T; `run` (runner.Run) keeps the run folder and resumes."""
     data = {name: task_data(name, cfg) for name in cfg.tasks}  # read every task first: a bad file fails early
     model = build_model(cfg).to(cfg.device)
     projector = make_projector(model.pos_embed.shape[-1], cfg.proj_hidden).to(cfg.device)
@@ -452,65 +434,6 @@ def task_data(name: str, cfg: Config) -> np.ndarray:
 
 # --- Configuration: the paper's settings (§III-B, §III-C) -------------------------------------------------------
 
-def arg(default, help, **kw):
-    """A Config field whose --help text is `help` (runner.parse_args builds the command line from the fields)."""
-    return field(default_factory=lambda: copy.copy(default), metadata=dict(help=help, **kw))
-
-
-@dataclass
-class Config:
-    """CoSMAE: continual self-supervised MAE for remote sensing (every flag; defaults from the paper)."""
-    # experiment
-    method: str = arg("cosmae", "cosmae, or finetune (Table I: no mixup, no KD); other rows: baselines.py",
-                      choices=["cosmae", "finetune"])
-    tasks: list = arg(list(rs_data.SYNTH_TASKS), "T_1..T_T: synthetic, or the paper's us3d uavid potsdam treesat")
-    data_root: str = arg("data", "folder holding the real datasets (README: 'Data layout')")
-    cache_dir: str = arg("", "tile cache folder ('' = DATA_ROOT/.cosmae_cache if writable, else the user cache)")
-    ucmerced: str = arg("", "UCMerced_LandUse folder: ML-kNN on it after each task (else the synthetic set)")
-    out: str = arg("runs/cosmae", "run folder: config.json, metrics.jsonl, task checkpoints; rerun to resume")
-    seed: int = arg(0, "seed of model init, data order, augmentation, masking, buffer and λ draws")
-    seeds: list = arg([], "several seeds: one run each under OUT/seed<s> (the paper averages 3 trials)")
-    device: str = arg("auto", "auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
-    eval: bool = arg(True, "evaluation before task 1 and after every task (ML-kNN, Eq. (1) per task, pictures)")
-    mlknn_count_self: bool = arg(False, "ML-kNN counts an image as its own neighbour (as scikit-multilearn)")
-    log_every: int = arg(20, "steps between progress lines / metrics.jsonl records")
-    save_every: int = arg(10, "epochs between resumable mid-task checkpoints (last.pt)")
-    # MAE (§II-A, §III-B)
-    model: str = arg("", "vit_base (paper), vit_tiny (CPU default), vit_test (unit tests); '' = by tasks")
-    mask_ratio: float = arg(0.75, "r, mask ratio of Eq. (1) (§III-B)")
-    norm_pix_loss: bool | None = arg(None, "MAE's per-patch normalised target (paper: off; synthetic: on)")
-    pool: str = arg("mean", "features c: mean of patch tokens or the cls token (inferred)", choices=["mean", "cls"])
-    init: str = arg("", "optional MAE checkpoint (e.g. official mae_pretrain_vit_base.pth) to start from")
-    # CoSMAE (§II-B, §II-C)
-    data_mixup: bool = arg(True, "Eq. (2) data mixup with the memory buffer (t ≥ 2)")
-    model_mixup: bool = arg(True, "Eq. (3)-(4) model-mixup knowledge distillation (t ≥ 2)")
-    memory_size: int = arg(1000, "M, images in the memory buffer (§III-B)")
-    lam1: str = arg("beta", "λ1 ~ Beta(α1, α1), U[0,1] (Fig. 2a), constant", choices=["beta", "uniform", "constant"])
-    alpha1: float = arg(0.4, "α1 of λ1 ~ Beta(α1, α1) (§III-C, Fig. 2a)")
-    lam1_value: float = arg(0.5, "λ1 when --lam1 constant")
-    lam1_per: str = arg("batch", "one λ1 per batch (as LUMP) or per image (inferred)", choices=["batch", "image"])
-    lam2: str = arg("beta", "λ2 ~ Beta(α2, α2), U[0,1], constant (Fig. 2c)", choices=["beta", "uniform", "constant"])
-    alpha2: float = arg(0.4, "α2 of λ2 ~ Beta(α2, α2) (§III-C, Fig. 2c)")
-    lam2_value: float = arg(0.5, "λ2 when --lam2 constant (Fig. 2c: 0.5 and 0)")
-    teacher_every: str = arg("step", "a new teacher (Eq. (3)) every step or epoch", choices=["step", "epoch"])
-    proj_hidden: int = arg(128, "hidden width of the 2-layer projector g (§III-B)")
-    tau: float = arg(0.5, "τ of Eq. (4), temperature (§III-B)")
-    mim_form: str = arg("simclr", "Eq. (4): simclr (NT-Xent over the 2N embeddings), paper (the printed letter), "
-                        "infonce (student against teacher); see mim_loss", choices=["simclr", "paper", "infonce"])
-    beta: float = arg(0.1, "β of Eq. (5), weight of the mutual information maximization loss (Fig. 2b)")
-    # optimisation (§III-B)
-    epochs: int = arg(0, "epochs per task (paper 300; 0 = by preset)")
-    batch_size: int = arg(0, "images per step (paper 128; 0 = by preset)")
-    lr: float = arg(1e-3, "AdamW learning rate, absolute (§III-B; not MAE's base lr × batch/256)")
-    weight_decay: float = arg(0.05, "AdamW weight decay (MAE's value; the paper does not say)")
-    warmup_epochs: float = arg(-1.0, "linear warm-up epochs, then cosine (paper 10; -1 = by preset)")
-    amp: bool = arg(True, "bf16 autocast on CUDA (ignored on CPU; inferred: the paper does not say)")
-    compile: bool = arg(False, "torch.compile the student and the teacher (speed only)")
-    # data
-    synth_train: int = arg(1024, "training images per synthetic task")
-    treesat_resize: bool = arg(False, "TreeSatAI: resize each 304×304 image to 256 (default: its centre 256×256)")
-
-
 MODELS = {  # encoder width/depth/heads, decoder width/depth/heads, image and patch size
     "vit_base": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,  # §III-B
                      decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
@@ -526,23 +449,96 @@ PRESETS = {  # the paper's for real data; a few-minute CPU run for synthetic (RE
 UNSET = dict(model="", epochs=0, batch_size=0, warmup_epochs=-1.0, norm_pix_loss=None)  # = "by preset"
 
 
+def arg(default, help, **kw):  # a Config field: --help text, type/choices, bounds ge/gt/le or check=(holds, allowed)
+    return field(default_factory=lambda: copy.copy(default), metadata=dict(help=help, **kw))
+
+
+def setting(default, help, **kw):  # a field that does not change what is trained (a resume may change it)
+    return arg(default, help, training=False, **kw)
+
+
+def visible(r: float, cfg) -> bool:  # the mask ratio r in (0, 1) leaves one of the L patches visible and one masked
+    return 0 < r < 1 and 1 <= int((MODELS[cfg.model]["img_size"] // MODELS[cfg.model]["patch_size"]) ** 2 * (1 - r))
+
+
+@dataclass
+class Config:
+    """CoSMAE: continual self-supervised MAE for remote sensing (every flag; defaults from the paper)."""
+    # experiment
+    method: str = arg("cosmae", "cosmae, or finetune (Table I: no mixup, no KD)", choices=["cosmae", "finetune"])
+    tasks: list = arg(list(rs_data.SYNTH_TASKS), "T_1..T_T: synthetic, or the paper's us3d uavid potsdam treesat",
+                      choices=[*rs_data.SYNTH_TASKS, *rs_data.REAL_TASKS],
+                      check=(lambda v, c: len({t in rs_data.SYNTH_TASKS for t in v}) == 1, "all synthetic or all real"))
+    data_root: str = setting("data", "folder holding the real datasets (README: 'Data layout')")
+    cache_dir: str = setting("", "tile cache folder ('' = DATA_ROOT/.cosmae_cache if writable, else the user cache)")
+    ucmerced: str = setting("", "UCMerced_LandUse folder: ML-kNN on it after each task (else the synthetic set)")
+    out: str = setting("runs/cosmae", "run folder: config.json, metrics.jsonl, task checkpoints; rerun to resume",
+                       check=(lambda v, c: v.strip() not in ("", "."), "a run folder (not empty, not the current one)"))
+    seed: int = arg(0, "seed of model init, data order, augmentation, masking, buffer and λ draws", ge=0)
+    seeds: list = setting([], "one run per seed, under OUT/seed<s> (the paper averages 3 trials)", type=int, ge=0)
+    device: str = setting("auto", "auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
+    eval: bool = setting(True, "evaluation before task 1 and after every task (ML-kNN, Eq. (1) per task, pictures)")
+    mlknn_count_self: bool = setting(False, "ML-kNN counts an image as its own neighbour (as scikit-multilearn)")
+    log_every: int = setting(20, "steps between progress lines / metrics.jsonl records", ge=1)
+    save_every: int = setting(10, "epochs between resumable mid-task checkpoints (last.pt)", ge=1)
+    # MAE (§II-A, §III-B)
+    model: str = arg("", "vit_base (paper), vit_tiny (CPU), vit_test (tests); '' = by tasks", choices=list(MODELS))
+    mask_ratio: float = arg(0.75, "r, mask ratio of Eq. (1) (§III-B)",
+                            check=(visible, "in (0, 1), leaving at least one patch visible and one masked"))
+    norm_pix_loss: bool | None = arg(None, "MAE's per-patch normalised target (paper: off; synthetic: on)")
+    pool: str = arg("mean", "features c: mean of patch tokens or the cls token (inferred)", choices=["mean", "cls"])
+    init: str = arg("", "an MAE checkpoint to start from (e.g. mae_pretrain_vit_base.pth)", type=runner.a_file)
+    # CoSMAE (§II-B, §II-C)
+    data_mixup: bool = arg(True, "Eq. (2) data mixup with the memory buffer (t ≥ 2)")
+    model_mixup: bool = arg(True, "Eq. (3)-(4) model-mixup knowledge distillation (t ≥ 2)")
+    memory_size: int = arg(1000, "M, images in the memory buffer (§III-B)",
+                           check=(lambda v, c: v >= c.data_mixup, "≥ 1 with data mixup (--no-data-mixup allows 0)"))
+    lam1: str = arg("beta", "λ1 ~ Beta(α1, α1), U[0,1] (Fig. 2a), constant", choices=["beta", "uniform", "constant"])
+    alpha1: float = arg(0.4, "α1 of λ1 ~ Beta(α1, α1) (§III-C, Fig. 2a)", gt=0)
+    lam1_value: float = arg(0.5, "λ1 when --lam1 constant", ge=0, le=1)
+    lam1_per: str = arg("batch", "one λ1 per batch (as LUMP) or per image (inferred)", choices=["batch", "image"])
+    lam2: str = arg("beta", "λ2 ~ Beta(α2, α2), U[0,1], constant (Fig. 2c)", choices=["beta", "uniform", "constant"])
+    alpha2: float = arg(0.4, "α2 of λ2 ~ Beta(α2, α2) (§III-C, Fig. 2c)", gt=0)
+    lam2_value: float = arg(0.5, "λ2 when --lam2 constant (Fig. 2c: 0.5 and 0)", ge=0, le=1)
+    teacher_every: str = arg("step", "a new teacher (Eq. (3)) every step or epoch", choices=["step", "epoch"])
+    proj_hidden: int = arg(128, "hidden width of the 2-layer projector g (§III-B)", ge=1)
+    tau: float = arg(0.5, "τ of Eq. (4), temperature (§III-B)", gt=0)
+    mim_form: str = arg("simclr", "Eq. (4): simclr (NT-Xent over the 2N embeddings), paper (the printed letter), "
+                        "infonce (student against teacher); see mim_loss", choices=["simclr", "paper", "infonce"])
+    beta: float = arg(0.1, "β of Eq. (5), weight of the mutual information maximization loss (Fig. 2b)", ge=0)
+    # optimisation (§III-B)
+    epochs: int = arg(0, "epochs per task (paper 300; 0 = by preset)", ge=1)
+    batch_size: int = arg(0, "images per step (paper 128; 0 = by preset)", ge=1)
+    lr: float = arg(1e-3, "AdamW learning rate, absolute (§III-B; not MAE's base lr × batch/256)", gt=0)
+    weight_decay: float = arg(0.05, "AdamW weight decay (MAE's value; the paper does not say)", ge=0)
+    warmup_epochs: float = arg(-1.0, "linear warm-up epochs, then cosine (paper 10; -1 = by preset)",
+                               check=(lambda v, c: 0 <= v <= c.epochs, "between 0 and --epochs"))
+    amp: bool = arg(True, "bf16 autocast on CUDA (ignored on CPU; inferred: the paper does not say)")
+    compile: bool = setting(False, "torch.compile the student and the teacher (speed only)")
+    # data
+    synth_train: int = arg(1024, "training images per synthetic task", check=(
+        lambda v, c: v >= c.batch_size or c.tasks[0] in rs_data.REAL_TASKS, "≥ --batch-size ({c.batch_size})"))
+    treesat_resize: bool = arg(False, "TreeSatAI: resize each 304×304 image to 256 (default: its centre 256×256)")
+
+
 def resolve(cfg: Config) -> Config:
-    """The values that follow from others, computed once right after parsing: the preset's fields left unset,
-    the method's switches, the device. (runner.check_flags then checks every flag.)"""
+    """Right after parsing: the preset's values for the fields left unset, the method's switches, the device."""
     preset = PRESETS["synthetic" if all(t in rs_data.SYNTH_TASKS for t in cfg.tasks) else "paper"]
     for k, v in preset.items():
         if getattr(cfg, k) == UNSET[k]:
             setattr(cfg, k, v)
     if cfg.method != "cosmae":  # fine-tuning and the Table II baselines: none of CoSMAE's two regularisers
         cfg.data_mixup = cfg.model_mixup = False
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg.device = str(runner.resolve_device(cfg.device))
     return cfg
 
 
-def main(argv=None):
-    """`python cosmae.py --help`: every flag. runner.py checks them and calls train(); eval_mlknn.py evaluates."""
-    runner.main(argv, Config, resolve, train, MODELS, evaluation=eval_mlknn.Evaluation)
+def main(argv=None):  # `python cosmae.py --help`: every flag. One run per seed (runner/), evaluated by eval_mlknn.py
+    def run_all():
+        for cfg in runner.seed_runs(resolve(runner.parse_args(Config, argv))):
+            with runner.Run(cfg, callbacks=[eval_mlknn.Evaluation(cfg)] if cfg.eval else []) as run:
+                train(cfg, run)
+    runner.cli(run_all)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,10 @@
-"""The teaching figures of WALKTHROUGH.md, drawn with draw.py from the project's own functions on synthetic tiles.
+"""The teaching figures of WALKTHROUGH.md (Eq. 1-3, §III-C), drawn with reports.draw from the project's own
+functions on synthetic tiles. ASCII text: lam1 = λ1, theta_prev = θ_{t−1}. Bands are numbered from 0, as in
+rs_data.SYNTH_TASKS: band 0 (red), band 1 (green), band 2 (blue).
 
-    beta_density   §III-C: λ1, λ2 ~ Beta(0.4, 0.4) lie close to 0 or 1 far more often than under U[0, 1]
-    mixup          Eq. (2): a synth_green tile mixed with a synth_red buffer tile at λ1 = 0 … 1 (cosmae.mix_batch)
-    teacher        Eq. (3): the teacher's features between θ_{t−1}'s and θ_t's as λ2 goes 0 → 1 (MixupTeacher)
-    masking        Eq. (1)'s input: an image, its mask at r = 0.75, the visible patches (MAE.random_masking)
-Text in the pictures is ASCII (the font has no Greek): lam1 = λ1, lam2 = λ2, theta_prev = θ_{t−1}, as in cosmae.py.
-
-Run:
-    python figures.py                # figures/{beta_density,mixup,teacher,masking}.png, under a minute on 2 CPU cores
-    python figures.py --out DIR --only teacher
+    python -m figures                            # figures/*.png of FIGURES, under a minute on 2 CPU cores
+    python -m figures --out DIR --only teacher
 """
-from __future__ import annotations
-
 import argparse
 import math
 import time
@@ -26,10 +19,10 @@ import cosmae
 import rs_data
 from reports.draw import COLORS, MASK_COLOR, as_rgb, image_grid, line_plot, small_png, upscale, vstack
 
-def band_grey(x, band) -> np.ndarray:
-    """[3, H, W] values in [0, 1] → uint8 [H, W]: one band (0, 1, 2) or the mean of the three (None)."""
-    x = np.asarray(x, dtype=np.float64)
-    return np.round(255 * np.clip(x.mean(0) if band is None else x[band], 0, 1)).astype(np.uint8)
+
+def band_grey(x, band: int) -> np.ndarray:
+    """[3, H, W] values in [0, 1] → uint8 [H, W]: one band in grey."""
+    return np.round(255 * np.clip(np.asarray(x, dtype=np.float64)[band], 0, 1)).astype(np.uint8)
 
 
 def to_unit(x) -> np.ndarray:
@@ -37,20 +30,23 @@ def to_unit(x) -> np.ndarray:
     return (x * rs_data.STD + rs_data.MEAN).clamp(0, 1).numpy()
 
 
+def synth(name: str, n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(rs_data.synth_task(name, n, size, seed)[0])
+
+
 def beta_density_figure() -> Image.Image:
     """§III-C: λ1, λ2 ~ Beta(0.4, 0.4) (density and draws of cosmae.draw_lambda) against U[0, 1]."""
-    a = 0.4
-    x = np.linspace(0.001, 0.999, 999)
-    pdf = x ** (a - 1) * (1 - x) ** (a - 1) / (math.gamma(a) ** 2 / math.gamma(2 * a))
+    a, x = 0.4, np.linspace(0.001, 0.999, 999)
+    norm = math.gamma(a) ** 2 / math.gamma(2 * a)  # B(a, a)
+    pdf = x ** (a - 1) * (1 - x) ** (a - 1) / norm
     u = np.linspace(0, 0.1 ** a, 20001)  # P(λ < 0.1), with x = u^(1/a): a smooth integrand
-    tail = np.trapezoid((1 - u ** (1 / a)) ** (a - 1) / a, u) / (math.gamma(a) ** 2 / math.gamma(2 * a))
+    tail = np.trapezoid((1 - u ** (1 / a)) ** (a - 1) / a, u) / norm
     draws = cosmae.draw_lambda(np.random.default_rng(0), "beta", a, 0.5, 20000)
     heights, edges = np.histogram(draws, bins=20, range=(0, 1), density=True)
     near = [float(np.mean((draws < e) | (draws > 1 - e))) for e in (0.1, 0.2)]
     return line_plot([dict(x=edges, y=heights, bars=True, color=(205, 218, 236),
                            label="20000 draws of cosmae.draw_lambda (histogram)"),
-                      dict(x=x, y=pdf, label="Beta(0.4, 0.4): the paper's lam1 and lam2", width=3,
-                           color=COLORS[0]),
+                      dict(x=x, y=pdf, label="Beta(0.4, 0.4): the paper's lam1 and lam2", width=3, color=COLORS[0]),
                       dict(x=[0, 1], y=[1, 1], label="U[0, 1]: Fig. 2's 'uniform' ablation", dash=True, width=3,
                            color=COLORS[1])],
                      title="lam ~ Beta(0.4, 0.4) lies close to 0 or 1 far more often than lam ~ U[0, 1] "
@@ -59,63 +55,52 @@ def beta_density_figure() -> Image.Image:
                           f"draws), 0.20 under U[0, 1]; P(lam < 0.2 or lam > 0.8): {near[1]:.2f} of the draws, "
                           "0.40.\nSo a mixed image (Eq. 2) mostly looks like one of its two images, and the "
                           "teacher (Eq. 3) mostly like one of its two encoders.",
-                     xlabel="lam", ylabel="density", xlim=(0, 1), ylim=(0, 4), size=(720, 420),
-                     legend="upper center")
+                     xlabel="lam", ylabel="density", xlim=(0, 1), ylim=(0, 4), size=(720, 420), legend="upper center")
 
 
 def mixup_figure() -> Image.Image:
     """Eq. (2) with cosmae.mix_batch: a synth_green tile (the current task) and a synth_red tile (the buffer)."""
-    img = cosmae.MODELS["vit_tiny"]["img_size"]
-    size = rs_data.tile_size(["synth_green"], img)
-    x = rs_data.augment(torch.from_numpy(rs_data.synth_task("synth_green", 8, size, 0)[0][2:3]), img, None)
-    x_mem = rs_data.augment(torch.from_numpy(rs_data.synth_task("synth_red", 8, size, 0)[0][5:6]), img, None)
+    size = rs_data.tile_size(["synth_green"], 64)  # vit_tiny's 64 x 64 images
+    x = rs_data.augment(synth("synth_green", 8, size)[2:3], 64, None)
+    x_mem = rs_data.augment(synth("synth_red", 8, size)[5:6], 64, None)
     lams = [0.0, 0.25, 0.5, 0.75, 1.0]
-    mixed = [to_unit(cosmae.mix_batch(x, x_mem, lam))[0] for lam in lams]  # [3, H, W] each, in [0, 1]
-    k = 2
-    rows = [[upscale(np.round(255 * m.transpose(1, 2, 0)).astype(np.uint8), k) for m in mixed],
-            [upscale(band_grey(m, 1), k) for m in mixed], [upscale(band_grey(m, 0), k) for m in mixed]]
-    return image_grid(rows, ["RGB, what the MAE sees", "band 2 (green): x", "band 1 (red): x_M"],
-                      [f"lam1 = {lam:g}" for lam in lams],
+    mixed = [to_unit(cosmae.mix_batch(x, x_mem, lam))[0] for lam in lams]  # x~ [3, H, W] each, in [0, 1]
+    rows = [[upscale(np.round(255 * m.transpose(1, 2, 0)).astype(np.uint8), 2) for m in mixed],
+            [upscale(band_grey(m, 1), 2) for m in mixed], [upscale(band_grey(m, 0), 2) for m in mixed]]
+    return image_grid(rows, ["x~ in RGB: what the MAE sees", "x~ band 1 (green): x's scene",
+                             "x~ band 0 (red): x_M's scene"], [f"lam1 = {lam:g}" for lam in lams],
                       title="Data mixup, Eq. (2): x~ = lam1 * x + (1 - lam1) * x_M   (cosmae.mix_batch)",
-                      subtitle="x: a tile of the current task synth_green (its scene is in band 2, the other bands "
-                               "are noise); x_M: a buffer tile\nof the past task synth_red (scene in band 1). "
-                               "Rows 2 and 3 show one band in grey: lam1 = 1 is x alone, lam1 = 0 the buffer "
-                               "image alone.")
+                      subtitle="x: a tile of the current task synth_green (scene in band 1, green); x_M: a buffer "
+                               "tile of the past task synth_red (scene in band 0, red).\nEvery row shows the mixed "
+                               "image x~ (rows 2, 3: one band in grey, bands numbered from 0). lam1 = 1: x alone.")
 
 
-def fit(model, tiles, steps: int, seed: int, batch: int = 16):
-    """`steps` AdamW steps of Eq. (1) alone (MAE pre-training) on uint8 tiles; the loss of the last step."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    for _ in range(steps):
-        raw = tiles[torch.randint(0, len(tiles), (batch,), generator=gen)]
-        loss = model(rs_data.augment(raw, model.grid * model.p, gen), 0.75)[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return float(loss.detach())
-
-
-def teacher_figure(steps: int = 30) -> Image.Image:
+def teacher_figure(steps: int = 30, n: int = 64) -> Image.Image:
     """Eq. (3): the teacher's features against θ_{t−1}'s and θ_t's as λ2 goes 0 → 1 (cosmae.MixupTeacher)."""
     cfg = cosmae.resolve(cosmae.Config(tasks=["synth_pan", "synth_red"], model="vit_tiny", mim_form="simclr",
                                        device="cpu"))
     size = rs_data.tile_size(cfg.tasks, 64)
     student = cosmae.build_model(cfg)
-    fit(student, torch.from_numpy(rs_data.synth_task("synth_pan", 256, size, 0)[0]), steps, 1)
-    theta_prev = {k: v.detach().clone() for k, v in student.encoder_state_dict().items()}  # θ_{t−1}: after task 1
-    fit(student, torch.from_numpy(rs_data.synth_task("synth_red", 256, size, 0)[0]), steps, 2)  # θ_t: in task 2
+    for seed, task in ((1, "synth_pan"), (2, "synth_red")):  # `steps` AdamW steps of Eq. (1) alone on each task
+        theta_prev = {k: v.detach().clone() for k, v in student.encoder_state_dict().items()}  # then: after task 1
+        tiles, opt = synth(task, 256, size), torch.optim.AdamW(student.parameters(), lr=1e-3, betas=(0.9, 0.95))
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            raw = tiles[torch.randint(0, len(tiles), (16,), generator=gen)]
+            loss = student(rs_data.augment(raw, 64, gen), 0.75)[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     teacher = cosmae.MixupTeacher(student, theta_prev)
-    x = rs_data.augment(torch.from_numpy(rs_data.synth_task("synth_red", 64, size, 1)[0]), 64, None)  # unseen
+    x = rs_data.augment(synth("synth_red", n, size, 1), 64, None)  # n unseen tiles
     lams = np.linspace(0, 1, 21)
     feats = []
     for lam in lams:
         teacher.rebuild(float(lam))
         feats.append(teacher(x))  # [N, D] teacher features c~ of the unmasked images
     prev, cur = feats[0], feats[-1]
-    to_prev = [F.cosine_similarity(f, prev).mean().item() for f in feats]
-    to_cur = [F.cosine_similarity(f, cur).mean().item() for f in feats]
+    to_prev, to_cur = [[F.cosine_similarity(f, e).mean().item() for f in feats] for e in (prev, cur)]
     lin = [F.cosine_similarity(f, lam * cur + (1 - lam) * prev).mean().item() for f, lam in zip(feats, lams)]
     lo = math.floor(min(to_prev + to_cur) * 10) / 10 - 0.1  # room for the legend below the curves
     return line_plot([dict(x=lams, y=to_prev, label="cos(teacher, theta_prev's features)", width=3),
@@ -126,10 +111,14 @@ def teacher_figure(steps: int = 30) -> Image.Image:
                            "theta_prev",
                      note=f"vit_tiny. theta_prev: {steps} steps of Eq. (1) on synth_pan from the random init (the "
                           f"encoder after task 1); theta_t: {steps} more steps on synth_red\n(the student in task 2). "
-                          "Features c~ = MixupTeacher(student, theta_prev).rebuild(lam2)(x) of 64 unseen synth_red "
+                          f"Features c~ = MixupTeacher(student, theta_prev).rebuild(lam2)(x) of {n} unseen synth_red "
                           "tiles, mean cosine similarity\nto each encoder's own features. Dashed: to the lam2-mix "
-                          "of the two encoders' features (near 1: mixing these weights nearly mixes the features).",
-                     xlabel="lam2", ylabel="mean cosine similarity", xlim=(0, 1), ylim=(lo, 1.0), size=(720, 460),
+                          "of the two encoders' features (near 1: mixing these weights nearly mixes the features).\n"
+                          f"A toy regime: two vit_tiny encoders only {steps} Adam steps apart, so here mixing the "
+                          "weights nearly mixes the features and the teacher moves smoothly\nfrom one encoder to "
+                          "the other. It cannot show the paper's case: encoders a real task of training apart need "
+                          "not mix their features so.",
+                     xlabel="lam2", ylabel="mean cosine similarity", xlim=(0, 1), ylim=(lo, 1.0), size=(720, 500),
                      legend="lower center")
 
 
@@ -137,27 +126,24 @@ def masking_figure() -> Image.Image:
     """Eq. (1)'s input: an image, its random mask at r = 0.75, the visible patches (MAE.random_masking)."""
     cfg = cosmae.resolve(cosmae.Config(tasks=["synth_red"], model="vit_tiny", mim_form="simclr", device="cpu"))
     model = cosmae.build_model(cfg)
-    size = rs_data.tile_size(cfg.tasks, 64)
-    x = rs_data.augment(torch.from_numpy(rs_data.synth_task("synth_red", 8, size, 0)[0][6:7]), 64, None)
+    x = rs_data.augment(synth("synth_red", 8, rs_data.tile_size(cfg.tasks, 64))[6:7], 64, None)
     patches = model.patchify(x)  # [1, L, p²·3]
     torch.manual_seed(0)
     kept, mask, ids_restore = model.random_masking(patches, 0.75)  # [1, len_keep, p²·3], [1, L] (1 = removed)
     visible = model.unpatchify(patches * (1 - mask[..., None]))
     k, p, g = 4, model.p, model.grid
-    image = band_grey(to_unit(x)[0], 0)
     removed = mask[0].view(g, g).numpy().repeat(p, 0).repeat(p, 1) > 0  # [H, W]
-    mask_img = np.where(removed[..., None], np.array(MASK_COLOR, np.uint8), np.uint8(255))
-    vis = as_rgb(band_grey(to_unit(visible)[0], 0))
-    vis[removed] = MASK_COLOR
+    mask_img, vis = np.full((*removed.shape, 3), 255, np.uint8), as_rgb(band_grey(to_unit(visible)[0], 0))
+    mask_img[removed], vis[removed] = MASK_COLOR, MASK_COLOR
     mask_img, vis = upscale(mask_img, k), upscale(vis, k)
     for a in (mask_img, vis):  # patch borders
         a[::p * k], a[:, ::p * k] = 200, 200
     unit = to_unit(kept[0].view(-1, p, p, 3).permute(0, 3, 1, 2))  # [len_keep, 3, p, p]: a patch is (p, q, c)
-    strip = [band_grey(u, 0) for u in unit]
-    strip = np.concatenate([np.pad(upscale(s, k), ((0, 0), (0, 4)), constant_values=255) for s in strip], 1)
+    strip = np.concatenate([np.pad(upscale(band_grey(u, 0), k), ((0, 0), (0, 4)), constant_values=255)
+                            for u in unit], 1)
     n_rem, n = int(mask.sum()), mask.shape[1]
-    top = image_grid([[upscale(image, k), mask_img, vis]], [],
-                     ["image x (synth_red: band 1)", f"mask: 1 = removed (blue), {n_rem} of {n}",
+    top = image_grid([[upscale(band_grey(to_unit(x)[0], 0), k), mask_img, vis]], [],
+                     ["image x (synth_red: band 0, red)", f"mask: 1 = removed (blue), {n_rem} of {n}",
                       f"visible patches: {n - n_rem} of {n}"],
                      title="Masking, Eq. (1): MAE.random_masking at mask ratio r = 0.75",
                      subtitle=f"vit_tiny: a 64 x 64 image, patch p = {p}: L = {n} patches, len_keep = "
@@ -175,7 +161,7 @@ FIGURES = {"beta_density": beta_density_figure, "mixup": mixup_figure, "teacher"
 
 def main(argv=None):
     torch.set_num_threads(1)  # tiny models: one thread is as fast, and far faster on a busy machine
-    p = argparse.ArgumentParser(description="Write the teaching figures of WALKTHROUGH.md (PNG).")
+    p = argparse.ArgumentParser(prog="python -m figures", description="Write the teaching figures of WALKTHROUGH.md.")
     p.add_argument("--out", default="figures", help="folder for the PNGs (created)")
     p.add_argument("--only", nargs="*", choices=list(FIGURES), help="only these figures")
     args = p.parse_args(argv)

@@ -1,19 +1,6 @@
-"""Drawing for readers, with numpy and Pillow only (no matplotlib): text with a legible font, a perceptual colour
-map, heat maps with their numbers in the cells, line plots with axes, ticks and a legend, labelled image grids.
-
-eval_mlknn.py draws a run's pictures with it (reconstructions.png, accuracy_matrix.png, reconstruction_matrix.png,
-and `eval_mlknn.py --figures`), figures.py the teaching figures of WALKTHROUGH.md. It imports nothing of the
-project.
-    font / draw_text / text_size   legible text: Pillow's own scalable font (Aileron, ASCII only), else its bitmap
-                                   font scaled up; nothing is read from the system
-    colormap / ink_on              viridis (nine anchor colours interpolated); dark or white text on a colour
-    heatmap (heatmap_layout)       a matrix with its numbers written in the cells, labelled rows and columns, a title
-    line_plot                      curves (and bars) with axes, ticks and a legend
-    image_grid (grid_layout)       labelled rows and columns of pictures, a note under each
-    hstack / vstack / upscale      pictures side by side / one above the other / enlarged pixel by pixel
-    small_png                      a PNG of at most 256 colours
-The *_layout functions say where each cell goes, so that tests (and callers) can find it in the picture.
-"""
+"""Drawing for readers with numpy and Pillow only (no matplotlib): legible text (Pillow's scalable font, else its
+bitmap font scaled up), viridis, heat maps with their numbers in the cells, line plots with axes, ticks and a legend,
+labelled image grids. The *_layout functions say where each cell goes (for callers and tests)."""
 from __future__ import annotations
 
 import functools
@@ -33,8 +20,8 @@ VIRIDIS = np.array([(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (
 
 @functools.lru_cache(maxsize=None)
 def font(size: int):
-    """Pillow's scalable default font (Aileron Regular, Pillow ≥ 10.1 with FreeType), or None: then the bitmap
-    default font is drawn and scaled up (draw_text)."""
+    """Pillow's scalable default font (Aileron, ASCII only; Pillow ≥ 10.1 with FreeType), or None (then the bitmap
+    font, scaled up)."""
     try:
         f = ImageFont.load_default(size=size)
     except Exception:  # an older Pillow (no size argument) or one without FreeType
@@ -44,7 +31,7 @@ def font(size: int):
 
 @functools.lru_cache(maxsize=4096)
 def text_mask(text: str, size: int = 13) -> Image.Image:
-    """The text as an 8-bit mask ("L"), one line box high (ascent + descent): texts of one size share a baseline."""
+    """The text as an 8-bit mask, one line box high: texts of one size share a baseline."""
     f = font(size)
     if f is not None:
         ascent, descent = f.getmetrics()
@@ -66,8 +53,7 @@ def text_size(text: str, size: int = 13) -> tuple:
 
 
 def draw_text(img: Image.Image, xy, text: str, size: int = 13, fill=INK, anchor: str = "lt", rotate: int = 0):
-    """Text at xy; anchor: horizontal l/m/r (left, middle, right), vertical t/m/b of the line box; rotate 90: read
-    bottom to top (a y-axis label)."""
+    """Text at xy; anchor: l/m/r then t/m/b of the line box; rotate 90: bottom to top."""
     mask = text_mask(text, size)
     if rotate:
         mask = mask.rotate(rotate, expand=True)
@@ -93,6 +79,16 @@ def draw_title(img: Image.Image, y: int, title: str, subtitle: str) -> int:
     return y
 
 
+def draw_frame(img: Image.Image, lay: dict, boxes: list, title: str, subtitle: str, row_labels: list, col_labels: list):
+    """The title, the column labels over the first row of boxes, each row's label left of it."""
+    draw_title(img, lay["title_y"], title, subtitle)
+    for j, label in enumerate(col_labels if boxes else []):
+        x0, y0, x1, _ = boxes[0][j]
+        draw_text(img, ((x0 + x1) // 2, y0 - 4), label, 13, anchor="mb")
+    for label, row in zip(row_labels, boxes):
+        draw_text(img, (lay["row_label_x"], (row[0][1] + row[0][3]) // 2), label, 13, anchor="rm")
+
+
 # --- colours -------------------------------------------------------------------------------------------------
 
 def colormap(v, reverse: bool = False) -> np.ndarray:
@@ -114,8 +110,7 @@ def ink_on(rgb) -> tuple:
 # --- heat map ------------------------------------------------------------------------------------------------
 
 def heatmap_layout(values, row_labels, col_labels, title: str = "", subtitle: str = "", fmt="{:.1f}") -> dict:
-    """Where everything of `heatmap` goes → {'size': (W, H), 'cells': [[(x0, y0, x1, y1)]], 'bar': box,
-    'title_y', 'row_label_x'}."""
+    """Where `heatmap` draws: {'size', 'cells': [[(x0, y0, x1, y1)]], 'bar', 'title_y', 'row_label_x'}."""
     m, gap, label_size, value_size = 12, 8, 13, 14
     texts = [fmt_value(v, fmt) for row in values for v in row]
     cell_w = max([64] + [text_size(c, label_size)[0] + 14 for c in col_labels]
@@ -145,24 +140,18 @@ def fmt_value(v, fmt) -> str:
 
 def heatmap(values, row_labels, col_labels, title: str = "", subtitle: str = "", fmt="{:.1f}", vmin=None,
             vmax=None, reverse: bool = False, with_layout: bool = False):
-    """A matrix [rows][cols] (None = not measured) as coloured cells with the numbers written in them, labelled
-    rows and columns, a title (and subtitle lines), and a colour bar. vmin/vmax: the colour range (default: the
-    values'; values outside it take the end colours); reverse: the highest value darkest (for losses: the best
-    cell is then the brightest, as in A). → Image, or (Image, heatmap_layout) with_layout."""
+    """A matrix [rows][cols] (None = n/a) as coloured cells with their numbers, labelled rows and columns, a title,
+    a colour bar over vmin..vmax (default: the values'); reverse: the highest value darkest. → Image
+    (with_layout: and heatmap_layout)."""
     lay = heatmap_layout(values, row_labels, col_labels, title, subtitle, fmt)
     img = Image.new("RGB", lay["size"], WHITE)
     draw = ImageDraw.Draw(img)
-    draw_title(img, lay["title_y"], title, subtitle)
+    draw_frame(img, lay, lay["cells"], title, subtitle, row_labels, col_labels)
     known = [v for row in values for v in row if v is not None]
     lo = min(known) if vmin is None and known else (vmin if vmin is not None else 0.0)
     hi = max(known) if vmax is None and known else (vmax if vmax is not None else 1.0)
     span = (hi - lo) or 1.0
-    for j, label in enumerate(col_labels):
-        x0, y0, x1, _ = lay["cells"][0][j] if lay["cells"] else (0, 0, 0, 0)
-        draw_text(img, ((x0 + x1) // 2, y0 - 4), label, 13, anchor="mb")
-    for i, label in enumerate(row_labels):
-        _, y0, _, y1 = lay["cells"][i][0]
-        draw_text(img, (lay["row_label_x"], (y0 + y1) // 2), label, 13, anchor="rm")
+    for i in range(len(row_labels)):
         for j, v in enumerate(values[i]):
             box = lay["cells"][i][j]
             rgb = (235, 235, 235) if v is None else tuple(int(c) for c in colormap((v - lo) / span, reverse))
@@ -221,10 +210,8 @@ def clip_polyline(points: list, y0: float, y1: float) -> list:
 
 def line_plot(series: list, title: str = "", xlabel: str = "", ylabel: str = "", xlim=None, ylim=None,
               size=(640, 400), note: str = "", legend: str = "upper right") -> Image.Image:
-    """Curves with axes, ticks and a legend. series: dicts {x, y, label, color (default: the next of COLORS),
-    width, dash (bool), bars (bool: y are bar heights over the intervals x[i]..x[i+1])}; curves are cut at ylim.
-    Drawn at twice the size and scaled down (smooth lines). legend: 'upper', 'center' or 'lower', then 'left',
-    'center' or 'right' (e.g. 'upper right')."""
+    """Curves with axes, ticks and a legend ('upper|center|lower left|center|right'). series: dicts {x, y, label,
+    color (default: the next of COLORS), width, dash, bars (y: heights over x[i]..x[i+1])}; cut at ylim."""
     s = 2  # supersampling
     series = [dict(d, color=d.get("color") or COLORS[k % len(COLORS)]) for k, d in enumerate(series)]
     texts = [text_size(title, 16)[0]] + [text_size(line, 11)[0] for line in note.split("\n") if note]
@@ -330,8 +317,8 @@ def draw_legend(img, shown, box, where, s):
 
 def grid_layout(widths: list, heights: list, row_labels: list, col_labels: list, title: str = "",
                 subtitle: str = "", notes: bool = False, gap: int = 8) -> dict:
-    """Where everything of `image_grid` goes: columns of the given widths, rows of the given heights →
-    {'size': (W, H), 'boxes': [[(x0, y0, x1, y1)]] (row, column), 'title_y', 'row_label_x', 'note_h'}."""
+    """Where `image_grid` draws: {'size', 'boxes': [[(x0, y0, x1, y1)]] (row, column), 'title_y', 'row_label_x',
+    'note_h'}."""
     m = 12
     label_w = max([0] + [text_size(r, 13)[0] for r in row_labels])
     head = (text_block([title], 17) if title else 0) + (text_block(subtitle.split("\n"), 12) if subtitle else 0)
@@ -355,24 +342,17 @@ def as_rgb(a) -> np.ndarray:
 
 
 def image_grid(cells: list, row_labels: list, col_labels: list, title: str = "", subtitle: str = "",
-               notes: list | None = None) -> Image.Image:
-    """Pictures in labelled rows and columns. cells[i][j]: uint8 [h, w(, 3)] or None (left white, 'n/a');
-    notes[i][j]: a line of text under the picture (or None). Each column is as wide as its widest picture, each
-    row as high as its highest."""
+               notes: list | None = None, with_layout: bool = False):
+    """Pictures (uint8 [h, w(, 3)] or None: 'n/a') in labelled rows and columns, notes[i][j] under each (or None).
+    → Image (with_layout: and grid_layout)."""
     n_cols = max(len(r) for r in cells)
     widths = [max([as_rgb(r[j]).shape[1] for r in cells if j < len(r) and r[j] is not None] or [64])
               for j in range(n_cols)]
     heights = [max([as_rgb(c).shape[0] for c in r if c is not None] or [64]) for r in cells]
     lay = grid_layout(widths, heights, row_labels, col_labels, title, subtitle, notes is not None)
     img = Image.new("RGB", lay["size"], WHITE)
-    draw_title(img, lay["title_y"], title, subtitle)
-    for j, label in enumerate(col_labels):
-        x0, y0, x1, _ = lay["boxes"][0][j]
-        draw_text(img, ((x0 + x1) // 2, y0 - 4), label, 13, anchor="mb")
+    draw_frame(img, lay, lay["boxes"], title, subtitle, row_labels, col_labels)
     for i, row in enumerate(cells):
-        _, y0, _, y1 = lay["boxes"][i][0]
-        if i < len(row_labels):
-            draw_text(img, (lay["row_label_x"], (y0 + y1) // 2), row_labels[i], 13, anchor="rm")
         for j in range(n_cols):
             x0, y0, x1, y1 = lay["boxes"][i][j]
             c = row[j] if j < len(row) else None
@@ -383,7 +363,7 @@ def image_grid(cells: list, row_labels: list, col_labels: list, title: str = "",
                 img.paste(Image.fromarray(as_rgb(c)), (x0, y0))
             if notes and notes[i][j]:
                 draw_text(img, ((x0 + x1) // 2, y1 + 1), notes[i][j], 12, GREY, anchor="mt")
-    return img
+    return (img, lay) if with_layout else img
 
 
 def hstack(images: list, gap: int = 16, align: str = "top") -> Image.Image:

@@ -1,15 +1,6 @@
-"""Remote-sensing data for CoSMAE: every task is one uint8 array of RGB tiles [n, 3, S, S].
-
-- The four task datasets of the paper (US3D, UAVid, Potsdam, TreeSatAI) and UCMerced multi-label, read from
-  their official layouts under a folder the user names (nothing is downloaded), cut into 256×256 patches and
-  written once into a memory-mapped tile cache.
-- The built-in synthetic default: procedurally drawn RS-like tiles of four domains, and a synthetic
-  multi-label evaluation set.
-- What the model sees of a batch of raw tiles: the paper's augmentation (§III-B: random resized crop to 224
-  with scale 0.8-1, random horizontal flip) and ImageNet normalisation, and an epoch of batches read ahead.
-
-cosmae.py (training) and eval_mlknn.py (evaluation) read their data through this file only.
-"""
+"""Remote-sensing data for CoSMAE: every task is one uint8 array of RGB tiles [n, 3, S, S]: the synthetic default,
+or the paper's datasets (US3D, UAVid, Potsdam, TreeSatAI; UCMerced multi-label to evaluate) read from their official
+layouts (nothing is downloaded) into a memory-mapped tile cache of 256×256 patches; the paper's augmentation."""
 from __future__ import annotations
 
 import errno
@@ -17,6 +8,7 @@ import functools
 import hashlib
 import json
 import logging
+import logging.handlers
 import math
 import os
 import secrets
@@ -40,8 +32,23 @@ class DataError(Exception):
     """A problem with the user's input (data, task name, checkpoint): the CLIs print it and exit with 2."""
 
 
-DATA_SEED = 0  # which patches and splits are drawn: the same in every run; --seed varies the model's
-# initialisation, the data order and the augmentation (the paper: "three randomly initialised models")
+def read_json(path, kind, todo: str = ""):
+    """The object in JSON file `path`, a `kind` (dict or list), else a one-line DataError naming it (+ "; todo")."""
+    path, todo = Path(path), f"; {todo}" if todo else ""
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file{todo}") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}{todo}") from None
+    except ValueError as e:  # not JSON, or not text
+        raise DataError(f"{path} is corrupt ({e}){todo}") from None
+    if not isinstance(obj, kind):
+        raise DataError(f"{path} holds a {type(obj).__name__}, expected a JSON {kind.__name__}{todo}")
+    return obj
+
+
+DATA_SEED = 0  # which patches and splits are drawn, the same in every run (--seed varies model, order, augmentation)
 
 
 # --- the built-in synthetic default -----------------------------------------------------------------------
@@ -57,13 +64,8 @@ SYNTH_DOMAINS = {  # ground colour, sensor tint, object scale, P(element present
 
 def synth_image(rng: np.random.Generator, size: int, ground, tint, scale: float, p, jitter: float = 0.5,
                 noise: float = 6.0) -> tuple:
-    """One procedurally drawn RS-like tile: ([size, size, 3] uint8, [5] 0/1 presence of SYNTH_LABELS).
-    Each element has its own shape and texture (rippled water behind a wavy shore, a straight road with a dashed
-    centre line, shaded round crowns, striped roofs with shadows, cars with windscreens). Every colour (ground
-    included) is moved by up to ±jitter·255 per channel around its palette value, so that, as with real roofs
-    or fields, colour alone does not tell the labels: at jitter 0 the per-image colour mean and std alone
-    give 89.5 micro mAP, and a random-init encoder beats minutes of MAE pretraining (README, "What `python
-    cosmae.py` shows")."""
+    """One RS-like tile: ([size, size, 3] uint8, [5] 0/1 presence of SYNTH_LABELS). Every colour is moved by up
+    to ±jitter·255 per channel, so that colour alone does not tell the labels."""
     col = lambda c: np.clip(np.asarray(c, np.float32) + rng.uniform(-jitter, jitter, 3) * 255, 20, 235)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # [S, S] coordinates in [0, 1)
     f = rng.uniform(2, 6, 2)
@@ -110,8 +112,8 @@ def synth_image(rng: np.random.Generator, size: int, ground, tint, scale: float,
     return np.clip(img, 0, 255).astype(np.uint8), present.astype(np.uint8)
 
 
-SENSOR_NOISE = 140.0  # std of the sensors' noise, in grey levels (README, "What `python cosmae.py` shows")
-SYNTH_TASKS = {  # the synthetic default: every region, seen by four sensors in turn → the band that holds the scene
+SENSOR_NOISE = 140.0  # std of the sensors' noise, in grey levels
+SYNTH_TASKS = {  # the synthetic default: every region seen by four sensors in turn → the band that holds the scene
     "synth_pan": None,  # panchromatic: the scene's brightness in all three bands, colour noise across them
     "synth_red": 0,  # the scene in band 1 (red), noise in bands 2 and 3
     "synth_green": 1,  # the scene in band 2 (green), noise in bands 1 and 3
@@ -120,10 +122,8 @@ SYNTH_TASKS = {  # the synthetic default: every region, seen by four sensors in 
 
 
 def sense(brightness: np.ndarray, band, rng: np.random.Generator, noise: float = SENSOR_NOISE) -> np.ndarray:
-    """What a sensor records of scenes of brightness [n, S, S] (float, 0-255) → uint8 [n, 3, S, S]. A one-band
-    sensor (band 0, 1 or 2) puts the brightness into its band and white noise of std `noise` around grey into the
-    two others; the panchromatic one (band None) puts it into all three and adds noise of the same std to each,
-    whose mean over the bands is zero (the brightness is untouched, the colour is noise)."""
+    """What a sensor records of scenes [n, S, S] (float, 0-255) → uint8 [n, 3, S, S]: the brightness in its band
+    and noise of std `noise` around grey in the others; band None: in all three, plus zero-mean colour noise."""
     e = rng.normal(0, noise, (len(brightness), 3, *brightness.shape[1:])).astype(np.float32)
     if band is None:
         out = brightness[:, None] + (e - e.mean(1, keepdims=True)) * np.sqrt(1.5)
@@ -134,8 +134,7 @@ def sense(brightness: np.ndarray, band, rng: np.random.Generator, noise: float =
 
 
 def synth_scenes(n: int, size: int, seed: int, p=(0.5,) * 5) -> tuple:
-    """n RS-like scenes, regions city, farm, forest, coast in turn (each element with probability p) →
-    (brightness float32 [n, S, S], labels uint8 [n, 5])."""
+    """n scenes, regions city, farm, forest, coast in turn → (brightness float32 [n, S, S], labels uint8 [n, 5])."""
     rng, names = np.random.default_rng([seed, 17]), list(SYNTH_DOMAINS)
     imgs, labels = np.empty((n, size, size), np.float32), np.empty((n, 5), np.uint8)
     for i in range(n):
@@ -155,16 +154,14 @@ SYNTH_EVAL = dict(own=1000, train=1000, test=800)  # images: per task and split 
 
 
 def synth_task_eval(name: str, size: int) -> dict:
-    """A task's own labelled evaluation set, never trained on (its 'test' tiles are also the held-out tiles of
-    Eq. (1)): {'train', 'test'}: (uint8 tiles, labels of the five elements), SYNTH_EVAL['own'] images each."""
+    """A task's own labelled set, never trained on: {'train', 'test'}: (tiles, labels), SYNTH_EVAL['own'] each."""
     n = SYNTH_EVAL["own"]
     x, y = synth_task(name, 2 * n, size, DATA_SEED + 1000)
     return {"train": (x[:n], y[:n]), "test": (x[n:], y[n:])}
 
 
 def synthetic_eval_set(size: int, tasks=None) -> dict:
-    """The synthetic multi-label set (labels = which land-cover elements are drawn), UCMerced-sized splits
-    (SYNTH_EVAL): the tiles of the given tasks in turn (default: all four)."""
+    """The synthetic multi-label set, UCMerced-sized splits (SYNTH_EVAL): the given tasks' tiles in turn."""
     n_train, n_test = SYNTH_EVAL["train"], SYNTH_EVAL["test"]
     tasks, n = list(tasks or SYNTH_TASKS), n_train + n_test
     parts = [synth_task(name, -(-n // len(tasks)), size, DATA_SEED + 2000) for name in tasks]
@@ -182,10 +179,8 @@ def tile_size(tasks: list, img_size: int) -> int:
 
 
 def evaluation_sets(tasks: list, size: int, ucmerced="", data_root="data", cache_dir="", treesat_resize=False) -> dict:
-    """What each evaluation point uses: the multi-label set 'main' (UCMerced, or the synthetic one), each task's
-    own labelled set 'own' (synthetic tasks only: the accuracy matrix A) and each task's held-out tiles
-    'held_out' (Eq. (1) → the reconstruction matrix R, and the pictures): the first REC_TILES test tiles of a
-    synthetic task's own set, or a fixed random REC_TILES of a real task's val split."""
+    """main: the multi-label set (UCMerced or synthetic); own: each synthetic task's labelled set (matrix A);
+    held_out: each task's REC_TILES held-out tiles (Eq. (1), matrix R): synthetic 'test', or a real val split's."""
     synth = [t for t in tasks if t in SYNTH_TASKS]
     main = ucmerced_splits(ucmerced, cache_dir) if ucmerced else synthetic_eval_set(size, synth or None)
     own = [synth_task_eval(t, size) if t in SYNTH_TASKS else None for t in tasks]
@@ -196,9 +191,8 @@ def evaluation_sets(tasks: list, size: int, ucmerced="", data_root="data", cache
 
 
 # --- real remote-sensing datasets: official layouts → one cached uint8 array per split --------------------
-# Every image is cut into non-overlapping 256×256 RGB patches (TreeSatAI: the centre 256×256), the paper's
-# counts are drawn with a fixed seed, and the patches of a split are written once into a memory-mapped .npy
-# (atomic write + a manifest of the source files: a changed folder is rebuilt, a half-written file never read).
+# Every image is cut into non-overlapping 256×256 RGB patches (TreeSatAI: the centre 256×256), and the paper's
+# counts are drawn with a fixed seed.
 REAL_TASKS = ("us3d", "uavid", "potsdam", "treesat")
 PAPER_COUNTS = {"us3d": (21081, 3072), "uavid": (24560, 8640), "potsdam": (15870, 1058), "treesat": (15000, 1000)}
 DATASETS = {  # folder names under --data-root, the files looked for, where to get the data
@@ -224,54 +218,13 @@ def find_dataset(name: str, data_root) -> Path:
                     f"it: {layout}. Get the data from: {source}; or point --data-root at the folder holding it.")
 
 
-def read_rgb(path: Path, bands=(0, 1, 2), n_bands=3, bits=8) -> np.ndarray:
-    """An RGB uint8 image [3, H, W] from a PNG or a TIFF ([H, W, C] or [C, H, W]) with n_bands bands. A file
-    that cannot be read whole (truncated, corrupt) is a DataError naming it (read_png, read_tiff)."""
-    if path.suffix.lower() == ".png":
-        return read_png(path)
-    a = read_tiff(path, pixels=True)
-    check_bands(path, a.shape, a.dtype, n_bands, bits)
-    a = a if a.shape[0] == n_bands and a.shape[-1] != n_bands else a.transpose(2, 0, 1)  # → [C, H, W]
-    rgb = a[list(bands)].astype(np.float32)
-    if bits == 8:
-        return rgb.astype(np.uint8)
-    return np.clip(rgb * (255 / (2 ** bits - 1)), 0, 255).round().astype(np.uint8)
-
-
-def check_bands(path: Path, shape: tuple, dtype, n_bands: int, bits: int):
-    """A TIFF of n_bands bands ([H, W, C] or [C, H, W]) of uint8 (bits 8) or uint16 (bits > 8), else a DataError."""
-    if len(shape) != 3 or n_bands not in (shape[0], shape[-1]):
-        raise DataError(f"{path}: shape {tuple(shape)}, expected {n_bands} bands ([H, W, {n_bands}] or "
-                        f"[{n_bands}, H, W])")
-    if dtype != (np.uint8 if bits == 8 else np.uint16):
-        raise DataError(f"{path}: dtype {dtype}, expected {'uint8' if bits == 8 else 'uint16'}")
-
-
-def image_size(path: Path, n_bands=None, bits=8) -> tuple:
-    """(H, W) from the header alone. A TIFF whose header shows it truncated or corrupt is a DataError naming
-    it (read_tiff); with n_bands, so is a TIFF of other bands or dtype (the messages of read_rgb), found before
-    any pixel is read instead of the image being skipped as 'no patch'."""
-    if path.suffix.lower() == ".png":
-        with image_errors(path):
-            from PIL import Image
-            with Image.open(path) as im:
-                w, h = im.size
-            return h, w
-    s, dtype = read_tiff(path, pixels=False)
-    if n_bands is not None:
-        check_bands(path, s, dtype, n_bands, bits)
-    return (s[1], s[2]) if len(s) == 3 and s[0] < min(s[1], s[2]) else (s[0], s[1])
-
-
 def broken(path: Path, why: str) -> DataError:
-    """The one line for an image file that cannot be read whole."""
     return DataError(f"cannot read {path}: truncated or corrupt ({why}); re-copy it or remove it from the folder")
 
 
 @contextmanager
 def image_errors(path: Path):
-    """Any error while an image is read → one line naming the file: the OS's reason for an OSError that has one
-    (missing, no permission, I/O error), what to install for a TIFF codec that is missing, else broken()."""
+    """Any error reading an image → one line naming it: the OS's reason, the missing TIFF codec, else broken()."""
     try:
         yield
     except DataError:
@@ -285,93 +238,94 @@ def image_errors(path: Path):
         raise broken(path, what) from None
 
 
-class _Errors(logging.Handler):
-    """Keeps the ERROR records of a logger (tifffile logs one, and goes on, where it skips part of a file)."""
-
-    def __init__(self):
-        super().__init__(logging.ERROR)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def read_tiff(path: Path, pixels: bool):
-    """A TIFF's first series: its pixels (pixels=True, what tifffile.imread gives) or (shape, dtype) from the
-    header alone. Refused, as one line naming the file, where tifffile would return an image that is not the
-    file's (a truncated copy of a tiled Potsdam orthophoto reads with missing tiles, or as its first page only
-    when the page chain is cut, which has no 256×256 patch and was skipped silently): any image data that
-    lies past the end of the file, and anything tifffile logs as an ERROR (an unreadable page, tag or series
-    it skips). Tiles or strips of byte count 0 are the TIFF way to store empty ones, not an error."""
+    """A TIFF's first series: pixels, or (shape, dtype) from the header. Data past the end of the file, or an
+    ERROR that tifffile logs and goes on (a page it skips), is broken(): what tifffile returns is not the file."""
     import tifffile
-    errors, log = _Errors(), logging.getLogger("tifffile")
-    log.addHandler(errors)
+    errors = logging.handlers.BufferingHandler(10_000)
+    errors.setLevel(logging.ERROR)
+    logging.getLogger("tifffile").addHandler(errors)
     try:
         with image_errors(path), tifffile.TiffFile(path) as tif:
             end, series = tif.filehandle.size, tif.series[0]
-            past = next(((page.index, o + n) for page in tif.pages for o, n in zip(page.dataoffsets,
-                                                                                    page.databytecounts)
-                         if n and o + n > end), None)
-            if past:
-                raise broken(path, f"page {past[0]} needs {past[1]} bytes, the file has {end}")
-            out = tif.asarray() if pixels and not errors.messages else (tuple(series.shape), series.dtype)
+            for page in tif.pages:
+                for o, n in zip(page.dataoffsets, page.databytecounts):
+                    if n and o + n > end:  # byte count 0: an empty tile, not an error
+                        raise broken(path, f"page {page.index} needs {o + n} bytes, the file has {end}")
+            out = tif.asarray() if pixels and not errors.buffer else (tuple(series.shape), series.dtype)
     finally:
-        log.removeHandler(errors)
-    if errors.messages:
-        raise broken(path, f"tifffile: {errors.messages[0][:120]}")
+        logging.getLogger("tifffile").removeHandler(errors)
+    if errors.buffer:
+        raise broken(path, f"tifffile: {errors.buffer[0].getMessage()[:120]}")
     return out
 
 
+def check_bands(path: Path, shape: tuple, dtype, n_bands: int, bits: int):
+    """A TIFF of n_bands bands ([H, W, C] or [C, H, W]) of uint8 (bits 8) or uint16 (bits > 8), else a DataError."""
+    if len(shape) != 3 or n_bands not in (shape[0], shape[-1]):
+        raise DataError(f"{path}: shape {tuple(shape)}, expected {n_bands} bands ([H, W, {n_bands}] or "
+                        f"[{n_bands}, H, W])")
+    if dtype != (np.uint8 if bits == 8 else np.uint16):
+        raise DataError(f"{path}: dtype {dtype}, expected {'uint8' if bits == 8 else 'uint16'}")
+
+
+def image_size(path: Path, n_bands=None, bits=8) -> tuple:
+    """(H, W) from the header alone; a broken TIFF, or with n_bands one of other bands or dtype, is a DataError."""
+    if path.suffix.lower() == ".png":
+        from PIL import Image
+        with image_errors(path), Image.open(path) as im:
+            return im.height, im.width
+    s, dtype = read_tiff(path, pixels=False)
+    if n_bands is not None:
+        check_bands(path, s, dtype, n_bands, bits)
+    return (s[1], s[2]) if len(s) == 3 and s[0] < min(s[1], s[2]) else (s[0], s[1])
+
+
+def read_rgb(path: Path, bands=(0, 1, 2), n_bands=3, bits=8) -> np.ndarray:
+    """uint8 [3, H, W]: a PNG, or `bands` of an n_bands TIFF ([H, W, C] or [C, H, W]) of `bits` scaled to 8."""
+    if path.suffix.lower() == ".png":
+        return read_png(path)
+    a = read_tiff(path, pixels=True)
+    check_bands(path, a.shape, a.dtype, n_bands, bits)
+    a = a if a.shape[0] == n_bands and a.shape[-1] != n_bands else a.transpose(2, 0, 1)  # → [C, H, W]
+    rgb = a[list(bands)].astype(np.float32)
+    if bits == 8:
+        return rgb.astype(np.uint8)
+    return np.clip(rgb * (255 / (2 ** bits - 1)), 0, 255).round().astype(np.uint8)
+
+
 def read_png(path: Path) -> np.ndarray:
-    """A PNG as uint8 [3, H, W]: 8-bit RGB as it is, palette, grey or with alpha converted to RGB (Pillow, as
-    UAVid's frames always were), 16 bits per channel scaled to 8 as round(value · 255 / 65535). Pillow keeps
-    only the high byte of 16-bit colour (1000 → 3, not 4) and saturates 16-bit grey at 255, so these are read
-    on their own (png16). A truncated PNG is an error even where a library set Pillow's LOAD_TRUNCATED_IMAGES."""
+    """uint8 [3, H, W]: 8 bits via Pillow's convert('RGB'); 16 bits as round(v · 255 / 65535) (Pillow keeps only
+    the high byte of 16-bit colour). Truncated: an error, even where LOAD_TRUNCATED_IMAGES was set."""
     from PIL import Image, ImageFile
-    with image_errors(path):
-        with open(path, "rb") as f:
-            head = f.read(26)
-        depth = head[24] if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" else 8
-        truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
-        try:
-            if depth == 16:
-                return png16(path)
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
-
-
-def png16(path: Path) -> np.ndarray:
-    """A PNG of 16 bits per channel → uint8 [3, H, W], each value v as round(v · 255 / 65535). Pillow gives 16-bit
-    grey whole; of 16-bit colour it keeps the high bytes, so the low bytes come from a second decoding of the same
-    data with the little-endian raw mode (the same bytes per pixel, so the same PNG unfiltering), or, for grey +
-    alpha, with the 4-byte raw mode RGBA (= L high, L low, A high, A low). A Pillow that cannot do either:
-    a DataError that says to convert the file to 8 bits."""
-    from PIL import Image
-    with Image.open(path) as im:
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # grey: the values themselves
-            v = np.asarray(im).astype(np.float64)[None]
-        else:
+    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        with image_errors(path), Image.open(path) as im:
             rawmode = im.tile[0][3] if im.tile else ""
-            low = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L", "LA;16B": "RGBA"}.get(rawmode)
-            if low is None:
-                raise DataError(f"cannot read {path}: a 16-bit PNG (Pillow mode {im.mode}, raw mode {rawmode!r}) that "
-                                "this Pillow cannot read at 16 bits; convert it to an 8-bit PNG")
-            with Image.open(path) as again:
-                again.tile = [t._replace(args=low) if hasattr(t, "_replace") else (*t[:3], low) for t in again.tile]
-                lo = np.asarray(again).astype(np.uint16)
-            if rawmode == "LA;16B":  # RGBA = L high, L low, A high, A low
-                v = (lo[..., 0] << 8 | lo[..., 1]).astype(np.float64)[None]
+            if im.mode.startswith("I"):  # 16-bit grey: the values themselves
+                v = np.asarray(im).astype(np.float64)[None]
+            elif rawmode.endswith(";16B"):  # the low bytes: the same data decoded again, little-endian
+                low = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L", "LA;16B": "RGBA"}.get(rawmode)
+                if low is None:
+                    raise DataError(f"cannot read {path}: a 16-bit PNG (raw mode {rawmode!r}) that this Pillow "
+                                    "cannot read at 16 bits; convert it to an 8-bit PNG")
+                with Image.open(path) as again:
+                    again.tile = [(*t[:3], low) for t in again.tile]
+                    lo = np.asarray(again).astype(np.uint16)
+                if rawmode == "LA;16B":  # RGBA = L high, L low, A high, A low
+                    v = (lo[..., 0] << 8 | lo[..., 1]).astype(np.float64)[None]
+                else:
+                    v = (np.asarray(im).astype(np.uint16) << 8 | lo)[..., :3].transpose(2, 0, 1).astype(np.float64)
             else:
-                hi = np.asarray(im).astype(np.uint16)
-                v = (hi << 8 | lo)[..., :3].transpose(2, 0, 1).astype(np.float64)
+                return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
     out = np.round(v * (255 / 65535)).astype(np.uint8)
     return np.repeat(out, 3, 0) if len(out) == 1 else out
 
 
 def split_files(name: str, folder: Path, seed: int) -> dict:
-    """{'train': [paths], 'val': [paths]} and how each file is read, in the dataset's official layout."""
+    """{'train': [paths], 'val': [paths], 'files': all, 'read': read_rgb's arguments}, by the official layout."""
     rng, srt = np.random.default_rng([seed, 42]), lambda ps: sorted(ps, key=str)
     if name == "us3d":
         files = srt(folder.rglob("*_RGB.tif")) or srt(folder.rglob("*_MSI.tif"))
@@ -404,8 +358,7 @@ def split_files(name: str, folder: Path, seed: int) -> dict:
 
 
 def patch_grid(name: str, h: int, w: int, resized: bool = False) -> list:
-    """Top-left corners of the non-overlapping 256×256 patches of an H×W image (TreeSatAI: the centre one, or
-    the whole image once resized to 256×256)."""
+    """Top-left corners of the non-overlapping 256×256 patches of an H×W image (TreeSatAI: the centre one)."""
     if resized:
         return [(0, 0)]
     if name == "treesat":
@@ -454,11 +407,8 @@ def subset(tiles, n: int, seed: int = DATA_SEED) -> np.ndarray:
 
 
 def atomic_write(path: Path, write, todo: str = ""):
-    """write(temporary path), then rename: a crash never leaves a half-written file, and no temporary file stays
-    behind (every file the project writes goes through here). The temporary file `<name>.<pid>.<random>.tmp`
-    lies in the same folder (the rename stays on one file system) and is unique per process and call: two
-    processes writing the same file never write into one temporary file, the last rename wins whole. A full
-    disk is one line naming `path` (disk_errors; todo: what to do instead of its default)."""
+    """write(`<name>.<pid>.<random>.tmp` beside it), then rename: never a half-written file nor a leftover
+    temporary one; two processes writing one file: the last rename wins whole. A full disk: disk_errors."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -476,12 +426,7 @@ LOW_SPACE = 64 << 20  # bytes: below this, a write error without an errno is tak
 
 @contextmanager
 def disk_errors(path, todo: str = DISK_TODO):
-    """Around any write of `path`: a full disk becomes DataError('no space left on the device writing PATH
-    (why); TODO'), one line for the CLIs, instead of a traceback. Full means an OSError with errno ENOSPC,
-    EDQUOT or EFBIG (what a file size limit, `ulimit -f`, gives), or a write error that carries no errno
-    (np.save's 'n requested and m written', torch.save's RuntimeError from its C++ writer) while the folder has
-    under LOW_SPACE free or a file size limit is set. Every other error passes through unchanged. The caller
-    removes what it half-wrote (atomic_write does); the check runs before, while the space is still taken."""
+    """A full disk while writing `path` → one-line DataError (why; todo); every other error passes unchanged."""
     path = Path(path)
     try:
         yield
@@ -493,7 +438,8 @@ def disk_errors(path, todo: str = DISK_TODO):
 
 
 def out_of_space(e: BaseException, path: Path):
-    """Why the write error e of `path` is a full disk (a short reason), or None when it is something else."""
+    """Why e is a full disk: ENOSPC, EDQUOT, EFBIG (`ulimit -f`), or no errno (np.save, torch.save's RuntimeError)
+    under a file size limit or with under LOW_SPACE free; else None."""
     if isinstance(e, OSError) and e.errno in SPACE_ERRNOS:
         return e.strerror or errno.errorcode.get(e.errno, str(e.errno))
     if isinstance(e, OSError) and e.errno is not None:
@@ -522,8 +468,7 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 @functools.cache
 def mean_std(device: torch.device) -> tuple:
-    """MEAN and STD on `device`, copied there once: a plain copy to a GPU inside a training step makes the host
-    wait until the GPU has run everything queued before it (a host sync)."""
+    """MEAN and STD on `device`, copied once (a copy inside a training step would be a host sync)."""
     return MEAN.to(device), STD.to(device)
 
 
@@ -534,9 +479,8 @@ def to_device(a: np.ndarray, device) -> torch.Tensor:
 
 
 def augment(tiles: torch.Tensor, size: int, gen: torch.Generator | None) -> torch.Tensor:
-    """Random resized crop (area 0.8-1, aspect 3/4-4/3) + horizontal flip, per sample in one batched
-    affine_grid/grid_sample, then normalisation. gen None = no augmentation (plain resize, for evaluation).
-    tiles: uint8 [N, 3, S, S] on the device → float [N, 3, size, size]."""
+    """Random resized crop (area 0.8-1, aspect 3/4-4/3) + horizontal flip per sample (one affine_grid/grid_sample),
+    then normalisation; gen None: a plain resize (evaluation). uint8 [N, 3, S, S] → float [N, 3, size, size]."""
     x = tiles.float().div_(255)
     n = x.shape[0]
     if gen is None:
@@ -557,9 +501,8 @@ def augment(tiles: torch.Tensor, size: int, gen: torch.Generator | None) -> torc
 
 
 def batches(tiles, batch_size: int, rng: np.random.Generator, device, share=(0, 1)):
-    """One epoch of raw uint8 batches [B, 3, S, S] on `device` (shuffled by `rng`, drop_last). The next batch is
-    read (memory-mapped cache → pinned memory) in a background thread while the current one trains.
-    share (i, n): only rows [i·B/n, (i+1)·B/n) of every batch (process i of n under torchrun)."""
+    """One epoch of shuffled uint8 batches [B, 3, S, S] on `device` (drop_last), the next read ahead in a thread
+    (memory map → pinned memory); share (i, n): rows [i·B/n, (i+1)·B/n) of each batch (process i of n)."""
     from concurrent.futures import ThreadPoolExecutor
     order, pin, n = rng.permutation(len(tiles)), torch.device(device).type == "cuda", len(tiles) // batch_size
     rows = slice(share[0] * batch_size // share[1], (share[0] + 1) * batch_size // share[1])
@@ -577,19 +520,14 @@ def batches(tiles, batch_size: int, rng: np.random.Generator, device, share=(0, 
 
 # --- the tile cache: one uint8 .npy per split, memory-mapped --------------------------------------------------
 
-def user_cache() -> Path:
-    """The user's cache folder (XDG convention): $XDG_CACHE_HOME/cosmae, else ~/.cache/cosmae."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cosmae"
-
-
 def cache_dirs(data_folder: Path, cache_dir: str = "") -> list:
-    """Where a tile cache may be: --cache-dir alone when given; else DATA/.cosmae_cache (used while it is
-    writable or already holds the cache: a shared read-only dataset can ship one), then the user's cache
-    folder, one sub-folder per dataset folder."""
+    """--cache-dir alone when given; else DATA/.cosmae_cache (a read-only dataset can ship one), then
+    $XDG_CACHE_HOME/cosmae (or ~/.cache/cosmae), one sub-folder per data folder."""
     if cache_dir:
         return [Path(cache_dir)]
     key = hashlib.sha1(str(Path(data_folder).resolve()).encode()).hexdigest()[:12]
-    return [Path(data_folder) / ".cosmae_cache", user_cache() / f"{Path(data_folder).resolve().name}-{key}"]
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cosmae"
+    return [Path(data_folder) / ".cosmae_cache", user / f"{Path(data_folder).resolve().name}-{key}"]
 
 
 def writable(folder: Path) -> bool:
@@ -602,12 +540,9 @@ def writable(folder: Path) -> bool:
 
 
 def cached_tiles(dirs: list, key: str, root: Path, files: list, seed: int, select, read, log):
-    """The cache: `key.npy` [N, 3, 256, 256] and `key.json` (source files with sizes and mtimes, seed, and the
-    array's shape). A cache whose manifest matches the folder and whose .npy is whole (valid_cache) is used
-    (read-only, memory-mapped) wherever it is among `dirs`, without writing anything there: a read-only folder
-    can hold one. Otherwise it is built in the first writable one, under an exclusive lock `key.lock` (two runs
-    started together on a fresh dataset: the second waits, then uses what the first built), into a temporary
-    file that is renamed when full; a failed build leaves nothing behind, a full disk is one line."""
+    """`key.npy` [N, 3, 256, 256] and its manifest `key.json` (source files with sizes and mtimes, seed, shape).
+    A valid cache among `dirs` is used read-only, without a lock; else it is built in the first writable one
+    under the lock `key.lock` (a second process waits, then uses it), the manifest written last."""
     manifest = dict(version=1, seed=seed, files=[[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns]
                                                  for p in files])
     found = find_cache(dirs, key, manifest, log)
@@ -623,8 +558,8 @@ def cached_tiles(dirs: list, key: str, root: Path, files: list, seed: int, selec
         found = find_cache(dirs, key, manifest, log)  # built by another process while this one waited
         if found is not None:
             return found
-        for stale in (*d.glob(f"{key}.npy.*tmp"), *d.glob(f"{key}.json.*tmp")):  # of a killed build: under the
-            stale.unlink(missing_ok=True)  # lock no other process writes them
+        for stale in (*d.glob(f"{key}.npy.*tmp"), *d.glob(f"{key}.json.*tmp")):  # a killed build's
+            stale.unlink(missing_ok=True)
         man.unlink(missing_ok=True)
         cells = select()
         if not cells:
@@ -634,52 +569,32 @@ def cached_tiles(dirs: list, key: str, root: Path, files: list, seed: int, selec
         todo = f"the cache needs {f'{gb:.2f} GB' if gb >= 0.1 else f'{gb * 1e3:.1f} MB'}: {todo}"
         atomic_write(npy, lambda tmp: fill_cache(tmp, cells, files, read, key, log), todo)
         manifest["shape"] = [len(cells), 3, PATCH, PATCH]
-        atomic_write(man, lambda tmp: tmp.write_text(json.dumps(manifest)), todo)  # last: the cache is complete
+        atomic_write(man, lambda tmp: tmp.write_text(json.dumps(manifest)), todo)
         return np.load(npy, mmap_mode="r")
 
 
 def find_cache(dirs: list, key: str, manifest: dict, log):
-    """The first valid cache of `key` among dirs, memory-mapped read-only, or None."""
+    """The first cache of `key` among dirs with this manifest and a whole .npy of its shape (a manifest without
+    one: any uint8 [N >= 1, 3, 256, 256]), memory-mapped; else None (truncated or other: rebuilt)."""
     for d in dirs:
-        npy, man = d / f"{key}.npy", d / f"{key}.json"
-        if valid_cache(npy, man, manifest):
+        npy = d / f"{key}.npy"
+        try:
+            stored = read_json(d / f"{key}.json", dict)
+            shape = stored.pop("shape", None)
+            x = np.load(npy, mmap_mode="r")  # a truncated .npy: ValueError
+        except (DataError, OSError, ValueError):
+            continue
+        if (stored == manifest and x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (3, PATCH, PATCH)
+                and len(x) and shape in (None, list(x.shape)) and npy.stat().st_size == x.offset + x.nbytes):
             log(f"{key}: tile cache {npy}")
-            return np.load(npy, mmap_mode="r")
+            return x
     return None
-
-
-def valid_cache(npy: Path, man: Path, manifest: dict) -> bool:
-    """Whether the cache npy is trusted: its manifest man equals `manifest` (the same source files, sizes,
-    mtimes, seed) and the .npy is whole: uint8 [N, 3, 256, 256], N as the manifest says (manifests written
-    before it held the shape: N >= 1), and the file exactly as long as its header says (a truncated copy, or a
-    disk that lost the end of it, is rebuilt instead of read as zeros or a crash)."""
-    try:
-        stored = json.loads(man.read_text())
-        if not isinstance(stored, dict):
-            return False
-        shape = stored.pop("shape", None)
-        if stored != manifest:
-            return False
-        with open(npy, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            got, fortran, dtype = read_header(f)
-            size = os.fstat(f.fileno()).st_size
-            return (dtype == np.uint8 and not fortran and len(got) == 4 and tuple(got[1:]) == (3, PATCH, PATCH)
-                    and got[0] >= 1 and (shape is None or list(got) == shape)
-                    and size == f.tell() + math.prod(got))
-    except (OSError, ValueError, TypeError, KeyError):
-        return False  # missing, unreadable or half-written: rebuilt
 
 
 @contextmanager
 def cache_lock(path: Path, log):
-    """An exclusive lock on the file `path` while the block runs (fcntl.flock; the OS releases it when a
-    process dies, so a killed build never blocks the next one). The lock file is removed before the lock is
-    released, so no lock file stays behind; a process that was waiting then holds a lock on a removed file,
-    sees that `path` is no longer (or another) file, and locks again. Without flock (not POSIX, or a file
-    system that refuses it) the block runs unlocked: two builds then both work, and the last rename wins."""
+    """An exclusive flock on `path` while the block runs (the OS drops it when a process dies); the file is
+    removed before release (a waiter then locks again, lock_file). Without flock the block runs unlocked."""
     fd = lock_file(path, log) if fcntl is not None else None
     try:
         yield
@@ -690,7 +605,6 @@ def cache_lock(path: Path, log):
 
 
 def lock_file(path: Path, log):
-    """The open, exclusively locked file `path` (see cache_lock), or None where flock is not supported."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -699,11 +613,10 @@ def lock_file(path: Path, log):
             except BlockingIOError:
                 log(f"{path.name}: waiting for another process that builds this tile cache ({path})")
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            st, own = os.stat(path), os.fstat(fd)
-            if (st.st_ino, st.st_dev) == (own.st_ino, own.st_dev):
+            if os.path.samestat(os.stat(path), os.fstat(fd)):
                 return fd
         except FileNotFoundError:
-            pass  # removed by the process that held it: lock again, below
+            pass  # removed by the process that held it: lock again
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
@@ -714,77 +627,49 @@ def lock_file(path: Path, log):
 
 
 def fill_cache(path: Path, cells: list, files: list, read, key: str, log):
-    """Write the patches `cells` [(file index, row, col)] into a new .npy at `path`, one image read at a time.
-    The whole file is reserved before the first image is read (reserve): a disk too small fails at once with
-    an OSError (→ disk_errors), not after hours of reading, nor as the SIGBUS that a write into a memory-mapped
-    sparse file gets on a full disk. The patches are written with plain file writes (never through a memory
-    map), and the file is synced before it is renamed into place, so that a valid manifest never names a .npy
-    whose data is still only in memory."""
-    shape = (len(cells), 3, PATCH, PATCH)
-    t0, by_file = time.time(), {}
-    for n, (i, r, c) in enumerate(cells):
-        by_file.setdefault(i, []).append((n, r, c))
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, dict(descr=np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                                                     fortran_order=False, shape=shape))
-        offset, tile = f.tell(), 3 * PATCH * PATCH
-        reserve(f, offset, len(cells) * tile)
+    """The patches `cells` [(file index, row, col)] into a new .npy at `path`, one image read at a time, its disk
+    blocks allocated first (a full disk: an OSError at once, not a SIGBUS in a write to the map)."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(cells), 3, PATCH, PATCH))
+    with open(path, "r+b") as f:
+        try:  # not on macOS, nor on every file system: there the writes into the map allocate
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except (AttributeError, OSError) as e:
+            if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        t0, by_file = time.time(), {}
+        for n, (i, r, c) in enumerate(cells):
+            by_file.setdefault(i, []).append((n, r, c))
         for done, (i, group) in enumerate(by_file.items(), 1):
             img = read(files[i])  # [3, H, W]
             for n, r, c in group:
-                patch = np.ascontiguousarray(img[:, r:r + PATCH, c:c + PATCH], dtype=np.uint8)
-                if patch.shape != (3, PATCH, PATCH):  # the pixels are smaller than the header said
+                patch = img[:, r:r + PATCH, c:c + PATCH]
+                if patch.shape != (3, PATCH, PATCH):  # fewer pixels than the header said
                     raise broken(files[i], f"{img.shape[1]}×{img.shape[2]} pixels, no patch at row {r}, column {c} "
                                            "that its header promised")
-                f.seek(offset + n * tile)
-                f.write(patch.data)
+                out[n] = patch
             if done % 50 == 0 or done == len(by_file):
                 rate = done / (time.time() - t0)
                 log(f"{key}: caching {done}/{len(by_file)} images, {len(cells)} patches, {rate:.1f} img/s, "
                     f"ETA {(len(by_file) - done) / rate:.0f} s")
-        f.flush()
+        out.flush()
         os.fsync(f.fileno())
-
-
-def reserve(f, offset: int, size: int):
-    """Allocate the disk blocks of bytes [offset, offset + size) of the open file f now, so that a full disk is
-    an OSError here: os.posix_fallocate; where the file system or OS has none (EOPNOTSUPP, EINVAL, ENOSYS;
-    glibc already emulates it on most), zeros are written over the range instead."""
-    allocate = getattr(os, "posix_fallocate", None)
-    if allocate is not None and size:
-        try:
-            allocate(f.fileno(), offset, size)
-            return
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, getattr(errno, "ENOTSUP", 0)):
-                raise
-    f.seek(offset)
-    zeros = bytes(min(size, 64 << 20))
-    for start in range(0, size, len(zeros) or 1):
-        f.write(zeros[:min(len(zeros), size - start)])
-    f.flush()
-
-
 # --- UCMerced multi-label (the evaluation set of the paper) --------------------------------------------
 
 MLKNN_K = 10  # ML-kNN's k (eval_mlknn.K, the paper's): the training split must hold more images than this
 
 
 def ucmerced_splits(folder, cache_dir="", seed: int = DATA_SEED, log=None, k: int = MLKNN_K) -> dict:
-    """UCMerced multi-label (Chaudhuri et al. 2018 labels): `Images/<class>/<class>NN.tif` and
-    `LandUse_Multilabeled.txt` (tab-separated, header `IMAGE\\LABEL` + 17 names, one 0/1 row per image).
-    → {'train', 'val', 'test': (uint8 [n, 3, 256, 256], uint8 [n, 17]), 'labels': names}; 1000/300/800 images
-    drawn with `seed` (the same proportions when the folder holds fewer than 2100); the 44 images that are not
-    256×256 are resized to it (bilinear). A folder whose training split would not hold more than k images (ML-kNN
-    finds k neighbours of each image among the others) is a DataError that says how many are needed."""
+    """UCMerced multi-label: `Images/<class>/<class>NN.tif` and `LandUse_Multilabeled.txt` (Chaudhuri et al. 2018)
+    → {'train', 'val', 'test': (uint8 [n, 3, 256, 256], uint8 [n, 17]), 'labels': names}, 1000/300/800 of 2100
+    images drawn with `seed`; the 44 images that are not 256×256 resized (bilinear)."""
     folder, log = Path(folder), log or (lambda msg: print(msg, flush=True))
     found = sorted(folder.glob("LandUse_Multilabeled.txt")) + sorted(folder.glob("*/LandUse_Multilabeled.txt"))
     if not (folder / "Images").is_dir() or not found:
         raise DataError(f"{folder}: expected Images/<class>/<class>NN.tif and LandUse_Multilabeled.txt "
                         "(UC Merced Land Use images from UC Merced, multi-labels of Chaudhuri et al. 2018)")
     names, rows, y = read_label_file(found[0])
-    n_train = round(len(rows) * 1000 / 2100)
-    if n_train <= k:
+    n_train, n_val = round(len(rows) * 1000 / 2100), round(len(rows) * 300 / 2100)
+    if n_train <= k:  # ML-kNN finds k neighbours of each image among the others
         need = next(n for n in range(len(rows), 10 ** 6) if round(n * 1000 / 2100) > k)
         raise DataError(f"{found[0]}: {len(rows)} images, so the training split holds {n_train} (1000 of every 2100); "
                         f"ML-kNN with k = {k} neighbours needs more than {k} training images: list at least {need} "
@@ -801,23 +686,19 @@ def ucmerced_splits(folder, cache_dir="", seed: int = DATA_SEED, log=None, k: in
     x = cached_tiles(cache_dirs(folder, cache_dir), "ucmerced", folder, files, 0,
                      lambda: [(i, 0, 0) for i in range(len(files))], read, log)
     order = np.random.default_rng([seed, 2100]).permutation(len(files))
-    n_train, n_val = round(len(files) * 1000 / 2100), round(len(files) * 300 / 2100)
     parts = dict(train=order[:n_train], val=order[n_train:n_train + n_val], test=order[n_train + n_val:])
     return {**{k: (np.asarray(x[np.sort(v)]), y[np.sort(v)]) for k, v in parts.items()}, "labels": names}
 
 
 def read_label_file(path: Path) -> tuple:
-    """LandUse_Multilabeled.txt → (label names, image names, uint8 [n, Q]); every row checked: one image name
-    and Q values, each 0 or 1, else an error naming the line. Empty cells at the end of the header or of a row
-    (a trailing tab, as editors and spreadsheets write them) are dropped; an image listed twice is an error
-    naming both lines, and so is a file whose label values are all 0 (not the multi-label file, or its labels
-    lost); a label that no image has is fine."""
+    """LandUse_Multilabeled.txt (tab-separated, header `IMAGE\\LABEL` + names, one 0/1 row per image; trailing
+    tabs dropped) → (label names, image names, uint8 [n, Q]); a bad row, an image listed twice or a file of
+    zeros only is a DataError naming the line(s)."""
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    head = lines[0].split("\t") if lines else []
-    names = [n.strip() for n in head[1:]]
+    names = [n.strip() for n in (lines[0].split("\t")[1:] if lines else [])]
     while names and not names[-1]:  # a trailing tab
         names.pop()
     if not names:

@@ -1,28 +1,14 @@
-"""Everything a long run needs around the method, so that cosmae.py can be the paper and nothing else.
-
-- the command line: flags built from a Config dataclass, each flag checked against its meaning (one line, exit 2);
-- the run folder (--out): config.json, metrics.jsonl, summary.json, a checkpoint after every task, last.pt
-  inside a task; one process per folder (a lock the OS releases when the process dies);
-- resume: a rerun of the same command continues after the last finished task, from the last saved epoch. A
-  finished task is the file named for it (task<t>_<name>.pt), verified before use: its task index and name, the
-  training settings, the lineage of the checkpoints before it, and the model's keys and shapes;
-- stops: Ctrl-C says where the run stopped (exit 130); a non-finite loss or weight stops the run without saving
-  it; a full disk is one line naming the file;
-- multi-GPU: torchrun + DistributedDataParallel; Eq. (4) over the global batch through `gather`.
-
-The task loop of cosmae.py calls a Run's hooks (as mammoth's `end_task` or Lightning's callbacks):
-    start(data, model, projector, buffer)              checks, --init, config.json, the evaluation of the init
-    restore(t, model, projector, buffer) -> bool       task t is already finished in the folder (its state loaded)
-    task_start(t, steps, model, projector, opt, θ_{t−1}) -> e   the first epoch to run (> 0: an interrupted task)
-    batches(tiles, B, rng), wrap(module), rank         the loader, DDP / --compile, the process index
-    step_end(...), epoch_end(...), task_end(...), end()
-This file imports nothing from cosmae.py; eval_mlknn.py plugs its evaluation in as a callback.
-"""
+"""What a long run needs around the method (cosmae.py stays the paper): the command line built from a Config and
+checked (one line, exit 2); the run folder (--out: config.json, metrics.jsonl, summary.json, task<t>_<name>.pt, last.pt;
+one process per folder); exact resume by rerunning the command; stops (Ctrl-C: exit 130, non-finite values, a full
+disk); multi-GPU (torchrun + DDP). cosmae.train calls a Run's hooks; eval_mlknn.py plugs in as a callback."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
-import io
+import itertools
 import json
 import math
 import os
@@ -37,24 +23,52 @@ import torch
 import torch.nn as nn
 
 import rs_data
-from rs_data import DataError, atomic_write
+from rs_data import DataError, atomic_write, read_json
 
 try:
     import fcntl  # the run-folder lock (Linux, macOS); on Windows runs are not locked
 except ImportError:  # pragma: no cover
     fcntl = None
 
-NOT_TRAINING = ("out", "seeds", "device", "eval", "log_every", "save_every", "data_root", "cache_dir", "compile",
-                "ucmerced", "mlknn_count_self")  # settings that do not change what is trained: a resume may change them
-
 
 def training_settings(cfg) -> dict:
-    """The settings that decide what is trained (every Config field but NOT_TRAINING): kept in config.json and in
-    every checkpoint, compared on resume."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_TRAINING}
+    """The settings that decide what is trained (fields not marked training=False): compared on resume."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("training", True)}
 
 
-# --- the command line ------------------------------------------------------------------------------------------
+def autocast(device, amp: bool):
+    """bf16 autocast on CUDA when amp (no loss scaler needed), nothing otherwise."""
+    on = amp and torch.device(device).type == "cuda"
+    return torch.autocast("cuda", torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: auto (cuda if present, else cpu), cpu, or a CUDA device this machine has (else one line, exit 2)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DataError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    n_gpu = torch.cuda.device_count() if dev.type == "cuda" else 0
+    if dev.type == "cpu" or (dev.type == "cuda" and (dev.index or 0) < n_gpu):
+        return dev
+    raise DataError(f"--device {name}: this machine has {n_gpu} CUDA device(s); use auto, cpu"
+                    + (f" or cuda:0..cuda:{n_gpu - 1}" if n_gpu else ""))
+
+
+def cli(fn, *args, interrupted: str = "interrupted"):
+    """fn(*args) for a command: DataError → `error: <one line>`, exit 2; Ctrl-C → its message (a Run's says where
+    the run stopped) or `interrupted`, exit 130."""
+    try:
+        return fn(*args)
+    except DataError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        print("\n" + (str(e) or interrupted), file=sys.stderr)
+        sys.exit(130)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error (what is wrong and where to look), not the whole usage text."""
@@ -63,110 +77,65 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def a_file(path: str) -> str:  # argparse type: '' or an existing file
+    if path and not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{path}: must be an existing checkpoint file")
+    return path
+
+
 def parse_args(config_cls, argv=None):
-    """argparse built from the fields of `config_cls`: `--help` shows each field's text and default."""
+    """argparse from the fields of `config_cls` (help, type and choices from each field's metadata)."""
     p = ArgumentParser(description=(config_cls.__doc__ or "").strip().split("\n\n")[0],
                        formatter_class=argparse.RawTextHelpFormatter)
     for f in dataclasses.fields(config_cls):
-        default, meta = f.default_factory(), dict(f.metadata)
-        kw = dict(default=default, help=f"{meta.pop('help')} [default: {default}]".replace("%", "%%"), **meta)
+        default = f.default_factory()
+        kw = {k: v for k, v in f.metadata.items() if k in ("type", "choices")}
+        kw.update(default=default, help=f"{f.metadata['help']} [default: {default}]".replace("%", "%%"))
         if "bool" in f.type:
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
-            kw.update(nargs="+", type=int if f.name == "seeds" else str)
+            kw.update(nargs="+", type=kw.get("type", str))
         else:
-            kw["type"] = type(default)
+            kw.setdefault("type", type(default))
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return config_cls(**vars(p.parse_args(argv)))
 
 
-def enforce(cfg, rules: list):
-    """rules [(field, holds, what is allowed)] → a DataError naming the first flag that breaks its rule."""
-    for name, ok, allowed in rules:
-        if not ok:
-            raise DataError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {allowed}")
-
-
-def check_flags(cfg, models: dict):
-    """Every flag against its meaning: one line naming the flag, its value and what is allowed (exit 2). Called
-    right after parsing, before anything is read or written."""
-    unknown = [t for t in cfg.tasks if t not in rs_data.SYNTH_TASKS and t not in rs_data.REAL_TASKS]
-    if unknown:
-        raise DataError(f"unknown task name(s) {unknown}; known: real {list(rs_data.REAL_TASKS)}, "
-                        f"synthetic {list(rs_data.SYNTH_TASKS)}")
-    synthetic = [t in rs_data.SYNTH_TASKS for t in cfg.tasks]
-    if any(synthetic) and not all(synthetic):
-        raise DataError(f"--tasks {' '.join(cfg.tasks)}: synthetic and real tasks cannot be mixed in one sequence")
+def check_flags(cfg):
+    """Every flag against its field's metadata (finite; ge, gt, le; check=(holds(value, cfg), allowed)): a DataError
+    naming the flag, its value and what is allowed."""
     for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
+        v, m = getattr(cfg, f.name), f.metadata
+        values = v if isinstance(v, list) else [v]
         if isinstance(v, float) and not math.isfinite(v):
-            raise DataError(f"--{f.name.replace('_', '-')} {v}: must be a finite number")
-    m = models.get(cfg.model, {})
-    grid = m.get("img_size", 0) // m.get("patch_size", 1)
-    enforce(cfg, [
-        ("model", cfg.model in models, f"one of {list(models)}"),
-        ("epochs", cfg.epochs >= 1, "≥ 1 (0 = by preset)"),
-        ("batch_size", cfg.batch_size >= 1, "≥ 1 (0 = by preset)"),
-        ("warmup_epochs", 0 <= cfg.warmup_epochs <= cfg.epochs, "between 0 and --epochs (-1 = by preset)"),
-        ("mask_ratio", 0 < cfg.mask_ratio < 1 and 1 <= int(grid ** 2 * (1 - cfg.mask_ratio)) < grid ** 2,
-         f"in (0, 1), leaving at least one of the {grid ** 2} patches visible and one masked"),
-        ("lr", cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, "≥ 0"), ("tau", cfg.tau > 0, "> 0"),
-        ("beta", cfg.beta >= 0, "≥ 0"), ("alpha1", cfg.alpha1 > 0, "> 0 (Beta(α1, α1))"),
-        ("alpha2", cfg.alpha2 > 0, "> 0 (Beta(α2, α2))"), ("lam1_value", 0 <= cfg.lam1_value <= 1, "in [0, 1]"),
-        ("lam2_value", 0 <= cfg.lam2_value <= 1, "in [0, 1]"), ("proj_hidden", cfg.proj_hidden >= 1, "≥ 1"),
-        ("memory_size", cfg.memory_size >= (1 if cfg.data_mixup else 0),
-         "≥ 1 with data mixup (Eq. (2) draws from the buffer; --no-data-mixup allows 0)"),
-        ("log_every", cfg.log_every >= 1, "≥ 1"), ("save_every", cfg.save_every >= 1, "≥ 1"),
-        ("synth_train", cfg.synth_train >= cfg.batch_size or cfg.tasks[0] in rs_data.REAL_TASKS,
-         f"≥ --batch-size ({cfg.batch_size})"),
-        ("seed", cfg.seed >= 0, "≥ 0"), ("seeds", all(s >= 0 for s in cfg.seeds), "≥ 0 each"),
-        ("init", not cfg.init or Path(cfg.init).is_file(), "an existing checkpoint file"),
-        ("out", cfg.out.strip() not in ("", "."), "a run folder (not empty, not the current folder)")])
-    check_device(cfg.device)
+            allowed = "a finite number"
+        elif "le" in m and not m["ge"] <= v <= m["le"]:
+            allowed = f"in [{m['ge']}, {m['le']}]"
+        elif "ge" in m and not all(x >= m["ge"] for x in values):
+            allowed = f"≥ {m['ge']}"
+        elif "gt" in m and not v > m["gt"]:
+            allowed = f"> {m['gt']}"
+        elif "check" in m and not m["check"][0](v, cfg):
+            allowed = m["check"][1].format(c=cfg)
+        else:
+            continue
+        raise DataError(f"--{f.name.replace('_', '-')} {' '.join(map(str, values))}: must be {allowed}")
 
 
-def check_device(name: str):
-    """--device: cpu, or a CUDA device this machine has (one line and exit 2 otherwise)."""
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise DataError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N") from None
-    n_gpu = torch.cuda.device_count() if dev.type == "cuda" else 0
-    if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and (dev.index or 0) >= n_gpu):
-        raise DataError(f"--device {name}: this machine has {n_gpu} CUDA device(s); use auto, cpu"
-                        + (f" or cuda:0..cuda:{n_gpu - 1}" if n_gpu else ""))
+def seed_runs(cfg):
+    """The checked config of each run of a command: one per seed (--seeds: OUT/seed<s>, else OUT)."""
+    check_flags(cfg)
+    cfg.out = os.path.normpath(cfg.out)  # runs/x/ and runs/x are one run folder
+    setup_distributed(cfg)
+    for seed in cfg.seeds or [cfg.seed]:
+        yield dataclasses.replace(cfg, seed=seed, seeds=[], out=os.path.join(cfg.out, f"seed{seed}") if cfg.seeds
+                                  else cfg.out)
+    teardown_distributed()
 
 
-def main(argv, config_cls, resolve, train, models: dict, make_method=None, evaluation=None):
-    """Parse, resolve and check the flags, then one run per seed (--seeds: OUT/seed<s>), each in its locked run
-    folder: train(cfg, run) or, for a Table II baseline, train(cfg, run, method.step). A bad input is one line and
-    exit 2; Ctrl-C says where the run stopped and exits 130 (finished tasks and the last last.pt are kept)."""
-    run = None
-    try:
-        cfg = resolve(parse_args(config_cls, argv))
-        check_flags(cfg, models)
-        cfg.out = os.path.normpath(cfg.out)  # runs/x/ and runs/x are one run folder
-        setup_distributed(cfg)
-        for seed in cfg.seeds or [cfg.seed]:
-            out = os.path.join(cfg.out, f"seed{seed}") if cfg.seeds else cfg.out
-            run_cfg = dataclasses.replace(cfg, seed=seed, seeds=[], out=out)
-            method = make_method(run_cfg) if make_method else None
-            with Run(run_cfg, method, [evaluation(run_cfg)] if evaluation and run_cfg.eval else []) as run:
-                train(run_cfg, run, method.step) if method else train(run_cfg, run)
-        teardown_distributed()
-    except DataError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted {run.where if run else 'while reading the data'}. Finished tasks and the last mid-task "
-              "checkpoint (every --save-every epochs) are kept: rerun the same command to resume.", file=sys.stderr)
-        sys.exit(130)
-
-
-# --- multi-GPU: torchrun + DistributedDataParallel; all of it is the identity in a single process ------------------
-# `torchrun --nproc_per_node=W cosmae.py ...`: each process trains on its B/W rows of every global batch of B
-# images, draws its own crops, masks and buffer images (seeded with its index, as MAE's reference code does), and
-# Eq. (4) runs over the features gathered from all processes. Only process 0 writes files and evaluates.
+# --- multi-GPU (the identity in one process): `torchrun --nproc_per_node=W cosmae.py ...`; each process trains on
+# B/W rows of every batch with its own crops, masks and buffer draws (seeded with its rank, as MAE's code); Eq. (4)
+# runs over the features of all processes (gather). Only process 0 writes files and evaluates.
 DIST = dict(rank=0, world=1)
 
 
@@ -185,8 +154,7 @@ def setup_distributed(cfg):
 
 
 def teardown_distributed():
-    """After the last run under torchrun: each process waits for the others, then closes the process group (one
-    that closes it, or exits, while another is still in a collective can abort with SIGABRT)."""
+    """Wait for every process, then close the group (closing it while one is in a collective can abort)."""
     if DIST["world"] > 1:
         import torch.distributed as dist
         dist.barrier()
@@ -211,41 +179,8 @@ def all_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# --- checkpoint files: atomic, weights-only, a full disk named ----------------------------------------------------
-
-def save_torch(path: Path, obj: dict):
-    """torch.save, atomically. torch's writer hides the OSError of a full disk behind a RuntimeError: the file
-    object below keeps it, so that atomic_write can name the disk problem."""
-    class Keep(io.RawIOBase):
-        def __init__(self, f):
-            self.f, self.error = f, None
-
-        def writable(self):
-            return True
-
-        def write(self, b):
-            try:
-                return self.f.write(b)
-            except OSError as e:
-                self.error = e
-                raise
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            keep = Keep(f)
-            try:
-                torch.save(obj, keep)
-            except RuntimeError:
-                if keep.error:
-                    raise keep.error from None
-                raise
-
-    atomic_write(path, write)
-
-
 def load_checkpoint(path, fix: str = "delete it to redo that part of the run", mmap: bool = False) -> dict:
-    """torch.load(weights_only=True): tensors and plain containers only, never arbitrary pickles. mmap: the
-    tensors stay on disk until used (cheap checks of a large file)."""
+    """torch.load(weights_only=True): tensors and containers, no pickled code; mmap: cheap checks of a large file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint {path} does not exist")
@@ -259,83 +194,61 @@ def load_checkpoint(path, fix: str = "delete it to redo that part of the run", m
     return ck
 
 
-def check_weights(sd, model: nn.Module, what: str, fix: str):
-    """sd must hold exactly the model's keys with the model's shapes (a checkpoint of another --model is refused)."""
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise DataError(f"{what}: no model weights in it; {fix}")
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in sd.items()}
-    if want != got:
-        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        shapes = [f"{k} {got[k]} (model: {want[k]})" for k in want if k in got and got[k] != want[k]]
-        raise DataError(f"{what}: its weights do not fit this model (missing {missing[:3]}, unexpected {extra[:3]}, "
-                        f"other shapes {shapes[:2]}); {fix}")
-
-
-def finite(model: nn.Module) -> bool:
-    """True when every weight is finite (one host sync; checked before a checkpoint is written)."""
-    return bool(torch.stack([torch.isfinite(p.detach()).all() for p in model.parameters()]).all())
+def load_weights(model: nn.Module, sd, what: str, fix: str, strict: bool = True):
+    """model.load_state_dict(sd); torch's message (missing, unexpected keys, shapes) in one line."""
+    try:
+        model.load_state_dict(sd, strict=strict)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise DataError(f"{what}: its weights do not fit this model ({' '.join(str(e).split())[:300]}); {fix}") \
+            from None
 
 
 def load_init(model: nn.Module, path: str, what: str = "--init"):
-    """The encoder weights of an MAE checkpoint (this project's, or facebookresearch/mae's mae_pretrain_vit_base.pth)
-    into `model` (--init, or a checkpoint to evaluate); the decoder stays at its initialisation."""
+    """The weights of an MAE checkpoint (this project's, or facebookresearch/mae's mae_pretrain_vit_base.pth) into
+    `model`; those it does not hold (e.g. the decoder) stay at their initialisation."""
     fix = f"check the {what} path (an MAE or encoder checkpoint of the same --model)"
     sd = load_checkpoint(path, fix)
     sd = sd.get("model", sd.get("encoder", sd))
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
         raise DataError(f"{what} {path}: no weights found in it (expected a state dict, or one under 'model'); {fix}")
-    own = list(model.encoder_state_dict())
+    own, state = list(model.encoder_state_dict()), model.state_dict()
     missing = [k for k in own if k not in sd]
     if len(missing) == len(own):
         raise DataError(f"{what} {path}: none of its {len(sd)} weights is an encoder weight of this MAE "
                         f"(e.g. {list(sd)[:3]}); expected facebookresearch/mae names such as blocks.0.attn.qkv.weight")
-    own_sd = model.state_dict()
-    shapes = [f"{k} {tuple(sd[k].shape)} (model: {tuple(v.shape)})" for k, v in own_sd.items()
-              if k in sd and sd[k].shape != v.shape]
-    if shapes:
-        raise DataError(f"{what} {path}: weights do not fit this --model ({len(shapes)} of other shapes, e.g. "
-                        f"{'; '.join(shapes[:2])}); {fix}")
-    model.load_state_dict({k: v for k, v in sd.items() if k in own_sd}, strict=False)
+    load_weights(model, {k: v for k, v in sd.items() if k in state}, f"{what} {path}", fix, strict=False)
     print(f"{what} {path}: every encoder weight loaded" if not missing else
           f"{what} {path}: {len(missing)} encoder weights NOT loaded (left at random init): {missing[:8]}")
 
 
 def task_file(out, t: int, name: str) -> Path:
-    """The checkpoint of finished task t of a run folder."""
     return Path(out) / f"task{t}_{name}.pt"
 
 
 def finished_tasks(out, tasks: list) -> list:
-    """[(t, name, path)] of the task files of a run folder, tasks 1, 2, ... in order up to the first missing one
-    (names only: the Run verifies their content)."""
-    found = []
-    for t, name in enumerate(tasks, 1):
-        if not task_file(out, t, name).is_file():
-            break
-        found.append((t, name, task_file(out, t, name)))
-    return found
+    """[(t, name, path)] of the task files of a run folder, tasks 1, 2, ... up to the first missing one."""
+    files = [(t, name, task_file(out, t, name)) for t, name in enumerate(tasks, 1)]
+    return list(itertools.takewhile(lambda f: f[2].is_file(), files))
 
 
-# --- the run folder ---------------------------------------------------------------------------------------------
+TODO = "delete it (and rerun) or use another --out"  # what to do about a bad file of a run folder
 
-class Run:
-    """Everything a run writes under cfg.out, and the hooks the task loop calls. Under torchrun only process 0
-    writes. Resume = rerun the same command with the same --out."""
+
+class Run(contextlib.AbstractContextManager):
+    """The run folder cfg.out (only process 0 writes) and the hooks of the task loop; rerun the command to resume."""
 
     def __init__(self, cfg, method=None, callbacks=()):
         self.cfg, self.out, self.method, self.callbacks = cfg, Path(cfg.out), method, list(callbacks)
         self.rank, self.main, self.at = DIST["rank"], DIST["rank"] == 0, None
         self.settings, self.lock, self.created = training_settings(cfg), None, False
-        self.meter, self.t0 = None, None
         try:
             if self.main:
                 self.open_folder()
-            old = self.read("config.json", None, dict)
-            if old is not None:  # a resume: the same training; paths, device, logging, evaluation may change
-                self.compare(old, self.out / "config.json")
+            if (self.out / "config.json").exists():  # a resume: the same training (paths, logging may change)
+                self.compare(read_json(self.out / "config.json", dict, TODO), self.out / "config.json")
             self.finished = self.verified_tasks()  # [(t, name, path, lineage, training seconds until then)]
-            self.summary = self.read("summary.json", {}, dict)
+            summary = self.out / "summary.json"
+            self.summary = read_json(summary, dict, TODO) if summary.exists() else {}
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
@@ -343,7 +256,6 @@ class Run:
         self.lineage = self.finished[-1][3] if self.finished else []
         self.seconds = self.finished[-1][4] if self.finished else 0.0
 
-    # -- the folder: created, writable, locked ----------------------------------------------------------------
     def open_folder(self):
         """Create --out (refused when it cannot be created or written) and lock it for this process."""
         if self.out.exists() and not self.out.is_dir():
@@ -368,30 +280,17 @@ class Run:
                       f"({' '.join(sys.argv[:1] + sys.argv[1:6])})".encode(), 0)
         self.lock = fd
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, kind, error, tb):
-        """Release the lock; a start that failed before config.json leaves no run folder behind."""
+        """Unlock; a start that failed before config.json leaves no folder behind; Ctrl-C learns where it stopped."""
+        if kind is KeyboardInterrupt and not error.args:
+            error.args = (f"interrupted {self.where}. Finished tasks and the last mid-task checkpoint (every "
+                          "--save-every epochs) are kept: rerun the same command to resume.",)
         if self.lock is not None:
             if kind is not None and self.created and not (self.out / "config.json").exists():
                 shutil.rmtree(self.out, ignore_errors=True)
             os.close(self.lock)
             self.lock = None
         return False
-
-    # -- files --------------------------------------------------------------------------------------------------
-    def read(self, name, default, kind):
-        """A JSON file of the folder (default when absent); corrupt or of the wrong shape: one line, exit 2."""
-        path = self.out / name
-        try:
-            obj = json.loads(path.read_text()) if path.exists() else default
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path} is corrupt ({e}); delete it (and rerun) or use another --out") from None
-        if obj is not None and not isinstance(obj, kind):
-            raise DataError(f"{path} holds a {type(obj).__name__}, expected a JSON {kind.__name__}; delete it (and "
-                            "rerun) or use another --out")
-        return obj
 
     def write(self, name, obj):
         if self.main:
@@ -405,10 +304,8 @@ class Run:
                             "or the same flags to resume it")
 
     def verified_tasks(self) -> list:
-        """[(t, name, path, lineage, seconds)]: the finished tasks 1, 2, ... of this run, each file checked (task
-        index and name, training settings, lineage = the ids of tasks 1..t, each continuing the one before). A
-        missing task ends the list; the files of later tasks are set aside (renamed *.set_aside), never used in its
-        place; other *.pt files are named in a warning and never used."""
+        """[(t, name, path, lineage, seconds)] of the finished tasks 1, 2, ..., each checked (task, settings, lineage
+        = ids of tasks 1..t). Task files after a missing one are set aside; other *.pt files are ignored, named."""
         found, lineage = [], []
         for t, name, path in finished_tasks(self.out, self.cfg.tasks):
             fix = "move it out of the run folder (that task is then trained again) or use another --out"
@@ -423,11 +320,11 @@ class Run:
             lineage = list(ck["lineage"])
             found.append((t, name, path, lineage, float(ck.get("train_seconds", 0.0))))
         for t, name in list(enumerate(self.cfg.tasks, 1))[len(found) + 1:]:
-            if task_file(self.out, t, name).exists() and self.main:
-                aside = task_file(self.out, t, name).with_suffix(".pt.set_aside")
-                os.replace(task_file(self.out, t, name), aside)
-                print(f"{task_file(self.out, t, name)}: task {len(found) + 1} is not finished, so this later "
-                      f"checkpoint cannot be used: set aside as {aside.name}")
+            path = task_file(self.out, t, name)
+            if path.exists() and self.main:
+                os.replace(path, path.with_suffix(".pt.set_aside"))
+                print(f"{path}: task {len(found) + 1} is not finished, so this later checkpoint cannot be used: set "
+                      f"aside as {path.name}.set_aside")
         known = {task_file(self.out, t, n).name for t, n in enumerate(self.cfg.tasks, 1)} | {"last.pt"}
         stray = sorted(p.name for p in self.out.glob("*.pt") if p.name not in known)
         if stray and self.main:
@@ -436,33 +333,31 @@ class Run:
 
     def save(self, path: Path, model: nn.Module, **state):
         """A checkpoint of finite weights only: non-finite ones stop the run and keep the last good files."""
-        if not finite(model):
+        if not torch.stack([torch.isfinite(p.detach()).all() for p in model.parameters()]).all():
             raise DataError(f"the weights became non-finite (NaN/inf) {self.where}: stopped without saving them; every "
                             "checkpoint written so far is finite and kept. Lower --lr (or check the data) and start "
                             "again with another --out")
         if self.main:
-            save_torch(path, dict(model=model.state_dict(), settings=self.settings, **state))
+            obj = dict(model=model.state_dict(), settings=self.settings, **state)
+            atomic_write(path, lambda tmp: torch.save(obj, tmp))  # a full disk: one line (rs_data.disk_errors)
 
     @property
     def where(self) -> str:
-        """Where the run is, for the messages of a stop: set by the meter (every step) and the evaluation."""
         if self.at is None or isinstance(self.at, str):
             return self.at or "before task 1"
         t, epoch, step = self.at
         return f"in task {t} ({self.cfg.tasks[t - 1]}), epoch {epoch + 1}, step {step + 1}"
 
-    # -- the hooks of the task loop ----------------------------------------------------------------------------
     def start(self, data: dict, model, projector, buffer):
-        """Every input has been read and is checked here: each task's size, the checkpoints' keys and shapes,
-        --init, the evaluation data (the callbacks' prepare); then config.json is written (the run exists from now
-        on) and the callbacks start (the evaluation of the init)."""
+        """Every input checked (task sizes, the checkpoints' weights, --init, the callbacks' data), then config.json
+        is written (the run exists from now on) and the callbacks start."""
         for name, tiles in data.items():
             if len(tiles) < self.cfg.batch_size:
                 raise DataError(f"task {name}: {len(tiles)} images, less than one batch (--batch-size "
                                 f"{self.cfg.batch_size})")
         for t, name, path, *_ in self.finished:
-            check_weights(load_checkpoint(path, mmap=True).get("model"), model, str(path),
-                          "it belongs to another --model: move it out of the run folder or use another --out")
+            load_weights(copy.deepcopy(model), load_checkpoint(path, mmap=True).get("model"), str(path),
+                         "it belongs to another --model: move it out of the run folder or use another --out")
         if self.cfg.init and not self.finished:
             load_init(model, self.cfg.init)
         for cb in self.callbacks:
@@ -474,8 +369,7 @@ class Run:
             cb.start(self, model)
 
     def restore(self, t, model, projector, buffer) -> bool:
-        """True when task t is finished in the folder. The last finished task's state (model, projector, buffer,
-        the baseline's state) is loaded: the next task continues from it."""
+        """True when task t is finished in the folder; the last finished task's state is loaded."""
         if t > len(self.finished):
             return False
         if t == len(self.finished):
@@ -489,22 +383,22 @@ class Run:
         return True
 
     def task_start(self, t, steps, model, projector, opt, theta_prev) -> int:
-        """The first epoch to run of task t (`steps` per epoch): 0, or the epoch after the last mid-task checkpoint
-        (last.pt) of this very task of this run (another last.pt is set aside)."""
+        """The first epoch to run of task t: 0, or the one after this task's last.pt (another last.pt is set aside)."""
         if self.method:
             self.method.start_task(t, model, theta_prev)
-        self.t0, last, start = time.time(), self.out / "last.pt", 0
-        self.meter = Meter(self, self.cfg.epochs * steps)
+        self.t0, last, start, self.total = time.time(), self.out / "last.pt", 0, self.cfg.epochs * steps
+        self.sums, self.n, self.imgs, self.wait, self.t_log = None, 0, 0, 0.0, time.perf_counter()
         if last.exists():
-            ck = load_checkpoint(last, "delete it: the task restarts from its first epoch")
+            fix = "delete it: the task restarts from its first epoch"
+            ck = load_checkpoint(last, fix)
             if ck.get("task") == t and list(ck.get("lineage", [None])) == self.lineage and ck.get("settings") == \
                     self.settings:
-                check_weights(ck.get("model"), model, str(last), "delete it: the task restarts from its first epoch")
-                model.load_state_dict(ck["model"])
+                load_weights(model, ck.get("model"), str(last), fix)
                 projector.load_state_dict(ck["projector"])
                 opt.load_state_dict(ck["opt"])
                 start, self.seconds = int(ck["epoch"]), float(ck["seconds"])
-                self.meter.load_state_dict(ck["meter"])
+                sums, self.n = ck["meter"]["sums"], int(ck["meter"]["n"])  # the log's running sums
+                self.sums = None if sums is None else sums.to(self.cfg.device)
                 print(f"resuming task {t} after epoch {start}")
             elif self.main:
                 os.replace(last, self.out / "last.pt.set_aside")
@@ -513,14 +407,12 @@ class Run:
         return start
 
     def batches(self, tiles, batch_size: int, rng):
-        """One epoch of raw uint8 batches on the device (rs_data.batches); under torchrun this process's rows. The
-        time the loop waits for each batch goes to the meter ("data wait": the share of the time the loop waited
-        for the data; near 0 %, loading is not what limits the speed)."""
+        """One epoch of raw uint8 batches on the device (this process's rows); the wait for each goes to the meter."""
         it = rs_data.batches(tiles, batch_size, rng, self.cfg.device, (self.rank, DIST["world"]))
         while True:
             t0 = time.perf_counter()
             raw = next(it, None)
-            self.meter.wait += time.perf_counter() - t0
+            self.wait += time.perf_counter() - t0
             if raw is None:
                 return
             yield raw
@@ -535,28 +427,51 @@ class Run:
         return nn.parallel.DistributedDataParallel(module, device_ids=[dev] if dev.type == "cuda" else None)
 
     def step_end(self, t, epoch, step, n_img, losses, lam1, lam2, lr):
-        self.meter.update(t, epoch, step, n_img, losses, lam1, lam2, lr)
+        """Every --log-every steps a progress line and a metrics.jsonl record (with data_wait: the share of the time
+        the loop waited for batches). Losses stay on the device in between; a non-finite one stops the run; the
+        running sums go into last.pt, so a record after a mid-task resume covers the same steps."""
+        vals = torch.stack([v.detach().float() for v in losses])
+        self.sums = vals if self.sums is None else self.sums + vals
+        self.n, self.imgs, self.at = self.n + 1, self.imgs + n_img, (t, epoch, step)
+        if (step + 1) % self.cfg.log_every and step + 1 != self.total:
+            return
+        total, rec, mim = (all_mean(self.sums) / self.n).tolist()  # every process joins the all-reduce
+        if not all(map(math.isfinite, (total, rec, mim))):
+            raise DataError(f"non-finite loss (total {total}, rec {rec}, mim {mim}) {self.where}: stopped; every "
+                            "checkpoint written so far is finite and kept. Lower --lr (or check the data) and start "
+                            "again with another --out")
+        seconds = max(time.perf_counter() - self.t_log, 1e-9)
+        rate, wait = self.imgs * DIST["world"] / seconds, self.wait / seconds
+        self.sums, self.n, self.imgs, self.wait, self.t_log = None, 0, 0, 0.0, time.perf_counter()
+        if not self.main:
+            return
+        eta = (self.total - step - 1) * self.cfg.batch_size / rate
+        with rs_data.disk_errors(self.out / "metrics.jsonl"), open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"task": t, "name": self.cfg.tasks[t - 1], "epoch": epoch, "step": step + 1,
+                                "loss/total": total, "loss/rec": rec, "loss/mim": mim, "lam1": lam1, "lam2": lam2,
+                                "lr": lr, "img/s": rate, "data_wait": wait}) + "\n")
+        print(f"task {t} {self.cfg.tasks[t - 1]} | ep {epoch + 1}/{self.cfg.epochs} | step {step + 1}/{self.total} | "
+              f"loss {total:.4f} rec {rec:.4f} mim {mim:.4f} | λ1 {lam1:.2f} λ2 {lam2:.2f} | lr {lr:.2e} | "
+              f"{rate:.1f} img/s, data wait {100 * wait:.0f} % | ETA task {eta / 60:.1f} min", flush=True)
 
     def epoch_end(self, t, epoch, model, projector, opt):
         """Every --save-every epochs (not after the last): last.pt, from which an interrupted task continues."""
         if (epoch + 1) % self.cfg.save_every == 0 and epoch + 1 < self.cfg.epochs:
             self.save(self.out / "last.pt", model, task=t, epoch=epoch + 1, projector=projector.state_dict(),
                       opt=opt.state_dict(), lineage=self.lineage, seconds=self.seconds + time.time() - self.t0,
-                      meter=self.meter.state_dict())
+                      meter=dict(sums=None if self.sums is None else self.sums.cpu(), n=self.n))
 
     def task_end(self, t, model, projector, buffer, tiles):
-        """After task t: the baseline's end-of-task work, the checkpoint (everything the next task needs), the
-        summary; then the callbacks (evaluation)."""
+        """After task t: the baseline's end of task, the checkpoint, the summary, then the callbacks (evaluation)."""
         if self.method:
             self.method.end_task(t, model, tiles, buffer)
         self.seconds += time.time() - self.t0
         self.lineage = self.lineage + [secrets.token_hex(8)]
-        self.save(task_file(self.out, t, self.cfg.tasks[t - 1]), model, task=t, name=self.cfg.tasks[t - 1],
-                  lineage=self.lineage, projector=projector.state_dict(), buffer=buffer.state_dict(),
-                  encoder=model.encoder_state_dict(),
+        path = task_file(self.out, t, self.cfg.tasks[t - 1])
+        self.save(path, model, task=t, name=self.cfg.tasks[t - 1], lineage=self.lineage,
+                  projector=projector.state_dict(), buffer=buffer.state_dict(), encoder=model.encoder_state_dict(),
                   method=self.method.state_dict() if self.method else {}, train_seconds=self.seconds)
-        self.finished.append((t, self.cfg.tasks[t - 1], task_file(self.out, t, self.cfg.tasks[t - 1]), self.lineage,
-                              self.seconds))
+        self.finished.append((t, self.cfg.tasks[t - 1], path, self.lineage, self.seconds))
         if self.main:
             (self.out / "last.pt").unlink(missing_ok=True)
         self.summary.update(completed=t, train_seconds=self.seconds, world=DIST["world"])
@@ -569,9 +484,7 @@ class Run:
             cb.end(self)
 
     def trim_metrics(self, t: int, steps_done: int):
-        """Drop the metrics.jsonl records of the steps of task t (and later) that this run replays: after a
-        resume every step is logged once. A torn last record (a crash mid-write) is dropped; any other line that
-        is not a record is an error naming it."""
+        """Drop the metrics.jsonl records of the steps this run replays (each step once) and a torn last one."""
         path = self.out / "metrics.jsonl"
         if not self.main or not path.exists():
             return
@@ -588,46 +501,3 @@ class Run:
                 keep.append(ln)
         atomic_write(path, lambda p: p.write_text("".join(ln + "\n" for ln in keep)))
 
-
-class Meter:
-    """Progress lines and metrics.jsonl records every cfg.log_every steps. Losses stay on the device between log
-    points: the only host syncs are at a log point, where a non-finite loss stops the run. Its running sums go
-    into last.pt, so the first record after a mid-task resume covers the same steps as without the stop. Each
-    record also gives the share of its time the loop waited for the next batch (data_wait)."""
-
-    def __init__(self, run: Run, total: int):
-        self.run, self.cfg, self.total = run, run.cfg, total
-        self.sums, self.n, self.imgs, self.wait, self.t0 = None, 0, 0, 0.0, time.perf_counter()
-
-    def state_dict(self) -> dict:
-        return dict(sums=self.sums.cpu() if self.sums is not None else None, n=self.n)
-
-    def load_state_dict(self, sd: dict):
-        self.sums = sd["sums"].to(self.cfg.device) if sd["sums"] is not None else None
-        self.n = int(sd["n"])
-
-    def update(self, t, epoch, step, n_img, losses, lam1, lam2, lr):
-        vals = torch.stack([v.detach().float() for v in losses])
-        self.sums = vals if self.sums is None else self.sums + vals
-        self.n, self.imgs = self.n + 1, self.imgs + n_img
-        self.run.at = (t, epoch, step)  # formatted only when a message needs it
-        if (step + 1) % self.cfg.log_every and step + 1 != self.total:
-            return
-        total, rec, mim = (all_mean(self.sums) / self.n).tolist()  # every process joins the all-reduce
-        if not all(map(math.isfinite, (total, rec, mim))):
-            raise DataError(f"non-finite loss (total {total}, rec {rec}, mim {mim}) {self.run.where}: stopped; every "
-                            "checkpoint written so far is finite and kept. Lower --lr (or check the data) and start "
-                            "again with another --out")
-        seconds = max(time.perf_counter() - self.t0, 1e-9)
-        rate, wait = self.imgs * DIST["world"] / seconds, self.wait / seconds
-        self.sums, self.n, self.imgs, self.wait, self.t0 = None, 0, 0, 0.0, time.perf_counter()
-        if not self.run.main:
-            return
-        eta = (self.total - step - 1) * self.cfg.batch_size / rate
-        with rs_data.disk_errors(self.run.out / "metrics.jsonl"), open(self.run.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"task": t, "name": self.cfg.tasks[t - 1], "epoch": epoch, "step": step + 1,
-                                "loss/total": total, "loss/rec": rec, "loss/mim": mim, "lam1": lam1, "lam2": lam2,
-                                "lr": lr, "img/s": rate, "data_wait": wait}) + "\n")
-        print(f"task {t} {self.cfg.tasks[t - 1]} | ep {epoch + 1}/{self.cfg.epochs} | step {step + 1}/{self.total} | "
-              f"loss {total:.4f} rec {rec:.4f} mim {mim:.4f} | λ1 {lam1:.2f} λ2 {lam2:.2f} | lr {lr:.2e} | "
-              f"{rate:.1f} img/s, data wait {100 * wait:.0f} % | ETA task {eta / 60:.1f} min", flush=True)

@@ -1,11 +1,15 @@
 """Shared by the tests in this folder: tiny configurations, runs, fake datasets in the official layouts."""
+import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project's modules
@@ -15,8 +19,9 @@ import cosmae
 import eval_mlknn
 import rs_data
 import runner
-from cosmae import MAE, MODELS, Config, ReplayBuffer, mim_loss, mix_batch
+from cosmae import MAE, MODELS, Config
 
+torch.set_num_threads(1)  # tiny models: one thread is as fast, and many times faster on a busy machine
 
 
 def tiny_cfg(tmp_path, **kw) -> Config:
@@ -37,11 +42,34 @@ def train(cfg) -> dict:
                 eval=eval_mlknn.read_rows(cfg.out))
 
 
+SMALL_EVAL = dict(SYNTH_EVAL=dict(own=60, train=60, test=40), REC_TILES=24)
+
+
 @pytest.fixture
 def small_eval(monkeypatch):
     """Small synthetic evaluation sets, so that runs with evaluation stay quick."""
-    monkeypatch.setattr(rs_data, "SYNTH_EVAL", dict(own=60, train=60, test=40))
-    monkeypatch.setattr(rs_data, "REC_TILES", 24)
+    for k, v in SMALL_EVAL.items():
+        monkeypatch.setattr(rs_data, k, v)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """The config of a tiny finished run (tiny_cfg with evaluation on small_eval's sets), made once per session.
+    Read it only; copy_run gives a copy to change."""
+    saved = {k: getattr(rs_data, k) for k in SMALL_EVAL}
+    vars(rs_data).update(SMALL_EVAL)
+    try:
+        cfg = tiny_cfg(tmp_path_factory.mktemp("finished"), eval=True)
+        train(cfg)
+    finally:
+        vars(rs_data).update(saved)
+    return cfg
+
+
+def copy_run(cfg, out) -> Config:
+    """A copy of the run folder of cfg in `out` → its config."""
+    shutil.copytree(cfg.out, out)
+    return dataclasses.replace(cfg, out=str(out))
 
 
 def tiny_model(**kw) -> MAE:
@@ -86,7 +114,15 @@ def write_packbits_tiled(path, img):
         assert tif.pages[0].compression == 32773 and tif.pages[0].is_tiled
 
 
+def make_uavid(root: Path):
+    for split, seq in (("uavid_train", "seq1"), ("uavid_train", "seq2"), ("uavid_val", "seq16")):
+        d = root / "UAVid" / split / seq / "Images"
+        d.mkdir(parents=True)
+        Image.fromarray(np.full((512, 768, 3), 77, np.uint8)).save(d / "000000.png")
+
+
 def make_datasets(root: Path):
+    make_uavid(root)
     (root / "US3D" / "Train-Track1-MSI").mkdir(parents=True)
     (root / "US3D" / "Validate-Track1-MSI").mkdir(parents=True)
     for i, sub in ((1, "Train-Track1-MSI"), (2, "Train-Track1-MSI"), (3, "Validate-Track1-MSI")):
@@ -96,16 +132,13 @@ def make_datasets(root: Path):
     ortho = root / "Potsdam" / "4_Ortho_RGBIR"
     ortho.mkdir(parents=True)
     for i in range(3):
-        write_packbits_tiled(ortho / f"top_potsdam_2_{10 + i}_RGBIR.tif", bands_image([10, 20, 30, 40 + i], 512, 768, np.uint8))
+        write_packbits_tiled(ortho / f"top_potsdam_2_{10 + i}_RGBIR.tif",
+                             bands_image([10, 20, 30, 40 + i], 512, 768, np.uint8))
     aerial = root / "TreeSatAI" / "aerial" / "60m"
     aerial.mkdir(parents=True)
     for name in ("Abies_alba_1_10000_WEFL_NLF.tif", "Picea_abies_3_46_2.5_WEFL.tif", "Pinus_sylvestris_5_1.1.tif"):
         tifffile.imwrite(aerial / name, bands_image([1, 2, 3, 4], 304, 304, np.uint8, chw=True),  # IR, G, B, R
                          photometric="minisblack", planarconfig="separate")  # one page, [C, H, W]
-    for split, seq in (("uavid_train", "seq1"), ("uavid_train", "seq2"), ("uavid_val", "seq16")):
-        d = root / "UAVid" / split / seq / "Images"
-        d.mkdir(parents=True)
-        Image.fromarray(np.full((512, 768, 3), 77, np.uint8)).save(d / "000000.png")
 
 
 def make_ucmerced(root: Path, n_per_class=14):

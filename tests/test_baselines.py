@@ -9,20 +9,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import baselines
 import cosmae
 import eval_mlknn
-from cosmae import MAE, MODELS, Config, ReplayBuffer, mim_loss, mix_batch
+import rs_data
+import runner
+from cosmae import Config
 from conftest import ROOT, encoder_of, records, tiny_cfg, tiny_model, train
 
 
 @pytest.mark.parametrize("method", ["cosmae", "finetune", "er", "ewc", "der", "lump", "pfr"])
-def test_each_method_runs_two_tiny_tasks_with_finite_losses(tmp_path, method):
-    res = train(tiny_cfg(tmp_path, method=method, out=str(tmp_path / method)))
-    recs = records(tmp_path / method)
-    assert len(res["checkpoints"]) == 2 and all(math.isfinite(r["loss/total"]) for r in recs)
+def test_each_method_runs_two_tiny_tasks_with_finite_losses(tmp_path, method, monkeypatch, request):
+    """Every row of Table II on two tiny tasks, and what is particular to ER (its batches), DER (its stored
+    features) and LUMP (its reservoir and mixup)."""
+    sizes, real_augment = [], rs_data.augment  # the batches of cosmae.train_step (ER's too)
+    monkeypatch.setattr(rs_data, "augment", lambda tiles, *a: sizes.append(len(tiles)) or real_augment(tiles, *a))
+    if method == "cosmae":  # the session's finished run (tiny_cfg)
+        out = request.getfixturevalue("finished_run").out
+        checkpoints = [p for _, _, p in runner.finished_tasks(out, ["synth_red", "synth_green"])]
+    else:
+        out = tmp_path / method
+        cfg = tiny_cfg(tmp_path, method=method, out=str(out), **(dict(replay_batch=3) if method == "er" else {}))
+        checkpoints = train(cfg)["checkpoints"]
+    recs = records(out)
+    assert len(checkpoints) == 2 and all(math.isfinite(r["loss/total"]) for r in recs)
     t2 = [r for r in recs if r["task"] == 2]
     if method in ("finetune", "er", "lump"):
         assert all(r["loss/mim"] == 0 for r in t2)
@@ -31,10 +42,28 @@ def test_each_method_runs_two_tiny_tasks_with_finite_losses(tmp_path, method):
     else:  # EWC's penalty and DER's MSE are 0 until the weights leave those of the end of task 1
         assert t2[0]["loss/mim"] == 0 and t2[-1]["loss/mim"] > 0
     assert all(r["lam1"] == 1 for r in t2) == (method not in ("cosmae", "lump"))
+    ck1, ck2 = (torch.load(p, weights_only=True) for p in checkpoints)
+    if method == "er":  # task 1: the batch alone; task 2: + 3 buffer images
+        assert sizes == [8] * 4 + [11] * 4
+    if method == "der":  # the stored features are the encoder's right after task 1, when its images were stored
+        model = cosmae.build_model(cfg)
+        model.load_state_dict(ck1["model"])
+        feats = eval_mlknn.extract_features(model, ck1["buffer"]["task1"], cfg.pool, cfg.device)
+        assert np.allclose(ck1["method"]["feats1"].numpy(), feats, atol=1e-5)
+        assert torch.equal(ck2["method"]["feats1"], ck1["method"]["feats1"])  # kept, not recomputed
+        assert len(ck2["buffer"]["task1"]) == 10  # the buffer keeps a prefix; DER uses the same prefix of its features
+    if method == "lump":
+        assert all(r["lam1"] == 1 for r in recs if r["task"] == 1)  # §III-D: task 1 as every method
+        assert all(r["loss/mim"] == 0 for r in recs)
+        assert int(ck1["method"]["seen"]) == 32 and int(ck2["method"]["seen"]) == 64  # the stream, every step
+        assert ck1["method"]["tiles"].shape[0] == 20  # M images, not balanced per task
+        data_mixup_only = train(tiny_cfg(tmp_path, model_mixup=False, out=str(tmp_path / "mixup_only")))
+        a, b = encoder_of(checkpoints[-1]), encoder_of(data_mixup_only["checkpoints"][-1])
+        assert not all(torch.equal(a[k], b[k]) for k in a)  # Table II's LUMP is not Table I's data-mixup-only row
 
 
 def test_baselines_cli_runs_a_row_and_cosmae_has_no_baseline_code(tmp_path, capsys):
-    baselines.main(["--method", "er", "--tasks", "synth_red", "synth_green", "--model", "vit_test", "--epochs", "1",
+    baselines.main(["--method", "er", "--tasks", "synth_red", "--model", "vit_test", "--epochs", "1",
                     "--batch-size", "8", "--synth-train", "32", "--memory-size", "20", "--no-eval", "--device", "cpu",
                     "--out", str(tmp_path / "er")])
     assert json.loads((tmp_path / "er" / "config.json").read_text())["replay_batch"] == 1  # ⌈0.045·8⌉
@@ -77,27 +106,7 @@ def test_ewc_penalty_zero_at_anchor_and_grows_with_distance(tmp_path):
     assert math.isclose(values[1] / values[0], 4, rel_tol=1e-3)  # quadratic
     want = 100 / 2 * sum((ewc.fisher[n] * (p - ewc.anchor[n]) ** 2).sum() for n, p in m.named_parameters()
                          if n in ewc.fisher)
-    assert math.isclose(values[-1], float(want), rel_tol=1e-5)  # λ/2 · Σ F (θ − θ*)²
-
-
-def test_er_batches_hold_buffer_images_only_from_task_two(tmp_path, monkeypatch):
-    sizes = []
-    real = cosmae.augment
-    monkeypatch.setattr(cosmae, "augment", lambda tiles, *a: sizes.append(len(tiles)) or real(tiles, *a))
-    train(tiny_cfg(tmp_path, method="er", replay_batch=3))
-    assert sizes == [8] * 4 + [11] * 4  # task 1: the batch alone; task 2: + 3 buffer images
-
-
-def test_der_stored_features_equal_encoder_features_at_storage_time(tmp_path):
-    cfg = tiny_cfg(tmp_path, method="der")
-    res = train(cfg)
-    ck1, ck2 = (torch.load(p, weights_only=True) for p in res["checkpoints"])
-    model = cosmae.build_model(cfg)
-    model.load_state_dict(ck1["model"])  # the encoder right after task 1, when task 1's images were stored
-    feats = eval_mlknn.extract_features(model, ck1["buffer"]["task1"], cfg.pool, cfg.device)
-    assert np.allclose(ck1["method"]["feats1"].numpy(), feats, atol=1e-5)
-    assert torch.equal(ck2["method"]["feats1"], ck1["method"]["feats1"])  # kept, not recomputed
-    assert len(ck2["buffer"]["task1"]) == 10  # the buffer keeps a prefix; DER uses the same prefix of its features
+    assert math.isclose(values[-1], float(want.detach()), rel_tol=1e-5)  # λ/2 · Σ F (θ − θ*)²
 
 
 def test_pfr_loss_zero_for_identity_projector_and_equal_encoders():
@@ -132,16 +141,3 @@ def test_lump_reservoir_keeps_a_uniform_sample_of_the_stream():
         kept[got.numpy()] += 1
     assert abs(kept[:250].sum() - kept[250:].sum()) < 0.25 * kept.sum()  # early and late images alike
     assert 200 < np.mean(np.flatnonzero(kept).repeat(kept[kept > 0].astype(int))) < 300
-
-
-def test_lump_fills_its_reservoir_in_task_one_and_mixes_from_task_two(tmp_path):
-    res = train(tiny_cfg(tmp_path, method="lump", out=str(tmp_path / "lump")))
-    recs = records(tmp_path / "lump")
-    assert all(r["lam1"] == 1 for r in recs if r["task"] == 1)  # §III-D: task 1 as every method
-    assert any(r["lam1"] != 1 for r in recs if r["task"] == 2) and all(r["loss/mim"] == 0 for r in recs)
-    ck1, ck2 = (torch.load(p, weights_only=True) for p in res["checkpoints"])
-    assert int(ck1["method"]["seen"]) == 32 and int(ck2["method"]["seen"]) == 64  # the stream, every step
-    assert ck1["method"]["tiles"].shape[0] == 20  # M images, not balanced per task
-    data_mixup_only = train(tiny_cfg(tmp_path, model_mixup=False, out=str(tmp_path / "mixup_only")))
-    a, b = encoder_of(res["checkpoints"][-1]), encoder_of(data_mixup_only["checkpoints"][-1])
-    assert not all(torch.equal(a[k], b[k]) for k in a)  # Table II's LUMP is not Table I's data-mixup-only row

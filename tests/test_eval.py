@@ -1,23 +1,22 @@
+"""The evaluation (eval_mlknn.py: ML-kNN, both mAP kinds, the per-task callback, the command line) and the tables
+and pictures of runs (reports/)."""
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
-import baselines
 import cosmae
-from reports import draw
 import eval_mlknn
-import figures
+import reports
 import rs_data
 import runner
-from cosmae import MAE, MODELS, Config, ReplayBuffer, mim_loss, mix_batch
-from rs_data import DataError
-from conftest import ROOT, make_datasets, make_ucmerced, tiny_cfg, train, ucm
+from cosmae import Config
+from conftest import ROOT, make_datasets, make_ucmerced, tiny_cfg, train
+from reports import draw
 
 
 def test_forgetting_and_bwt_of_a_hand_checkable_matrix():
@@ -26,31 +25,11 @@ def test_forgetting_and_bwt_of_a_hand_checkable_matrix():
     forgetting: task 1: max(A[1][1], A[2][1]) − A[3][1] = max(70, 80) − 60 = 20; task 2: A[2][2] − A[3][2] = 60 − 50
     = 10 → 15.   BWT: task 1: A[3][1] − A[1][1] = 60 − 70 = −10; task 2: 50 − 60 = −10 → −10."""
     a = [[10, 10, 10], [70, 20, 20], [80, 60, 30], [60, 50, 90]]
-    r = eval_mlknn.forgetting_bwt(a)
+    r = reports.forgetting_bwt(a)
     assert math.isclose(r["final_avg_map"], 200 / 3) and r["avg_forgetting"] == 15 and r["bwt"] == -10
-    assert eval_mlknn.forgetting_bwt([[1.0], [2.0]]) == dict(final_avg_map=2.0, avg_forgetting=None, bwt=None)
-    up = eval_mlknn.forgetting_bwt([[0, 0], [50, 0], [60, 70]])  # task 1 improved later: forgetting < 0, BWT > 0
+    assert reports.forgetting_bwt([[1.0], [2.0]]) == dict(final_avg_map=2.0, avg_forgetting=None, bwt=None)
+    up = reports.forgetting_bwt([[0, 0], [50, 0], [60, 70]])  # task 1 improved later: forgetting < 0, BWT > 0
     assert up["avg_forgetting"] == -10 and up["bwt"] == 10
-
-
-def test_run_evaluates_every_task_both_map_kinds_matrices_and_pictures(tmp_path, small_eval):
-    cfg = tiny_cfg(tmp_path, eval=True, tasks=["synth_red", "synth_green", "synth_blue"])
-    rows = train(cfg)["eval"]
-    assert [r["task"] for r in rows] == [0, 1, 2, 3]
-    for r in rows:
-        assert {"micro", "macro", "micro_binary", "macro_binary"} <= set(r)
-        assert len(r["per_task"]) == 3 and len(r["rec_loss"]) == 3  # A[t][·], R[t][·]: one column per task
-        assert all(0 <= v <= 100 for v in r["per_task"]) and all(v > 0 for v in r["rec_loss"])
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    want = eval_mlknn.forgetting_bwt([r["per_task"] for r in rows])
-    assert all(math.isclose(summary[k], want[k]) for k in ("final_avg_map", "avg_forgetting", "bwt"))
-    from PIL import Image
-    for t in range(4):
-        w, h = Image.open(tmp_path / "run" / f"reconstructions_T{t}.png").size
-        assert h == 3 * 32 * 8 and w == 6 * 32 * 8  # a row per task, 2 × (original, masked, reconstruction)
-    again = train(tiny_cfg(tmp_path, eval=True, tasks=["synth_red", "synth_green", "synth_blue"],
-                                  out=str(tmp_path / "again")))["eval"]
-    assert [r["rec_loss"] for r in again] == [r["rec_loss"] for r in rows]  # R is reproducible under a seed
 
 
 def test_reconstruction_loss_uses_fixed_masks(small_eval):
@@ -64,13 +43,23 @@ def test_reconstruction_loss_uses_fixed_masks(small_eval):
     assert eval_mlknn.reconstruct(model, tiles, cfg.mask_ratio, seed=5)[0] != a[0]
 
 
-def test_a_rerun_with_eval_fills_the_missing_rows(tmp_path, small_eval):
+def test_run_evaluates_every_task_and_a_rerun_with_eval_fills_the_missing_rows(tmp_path, small_eval):
     train(tiny_cfg(tmp_path))  # trained without evaluation
     rows = train(tiny_cfg(tmp_path, eval=True))["eval"]  # the same run, rerun with --eval
     assert [r["task"] for r in rows] == [0, 1, 2]
     fresh = train(tiny_cfg(tmp_path, eval=True, out=str(tmp_path / "fresh")))["eval"]
     for a, b in zip(rows, fresh):
         assert math.isclose(a["micro"], b["micro"]) and a["rec_loss"] == pytest.approx(b["rec_loss"])
+    for r in fresh:
+        assert {"micro", "macro", "micro_binary", "macro_binary"} <= set(r)
+        assert len(r["per_task"]) == 2 and len(r["rec_loss"]) == 2  # A[t][·], R[t][·]: one column per task
+        assert all(0 <= v <= 100 for v in r["per_task"]) and all(v > 0 for v in r["rec_loss"])
+    summary = json.loads((tmp_path / "fresh" / "summary.json").read_text())
+    want = reports.forgetting_bwt([r["per_task"] for r in fresh])
+    assert all(math.isclose(summary[k], want[k]) for k in ("final_avg_map", "avg_forgetting", "bwt"))
+    for t in range(3):
+        w, h = Image.open(tmp_path / "fresh" / f"reconstructions_T{t}.png").size
+        assert h == 2 * 32 * 8 and w == 6 * 32 * 8  # a row per task, 2 × (original, masked, reconstruction)
 
 
 def mlknn_loop(train_x, train_y, test_x, k, s):
@@ -164,12 +153,12 @@ def fake_run(label, micro, per_task=None, seconds=3600.0):
 def test_table_writer_layout_with_seeds_and_hours():
     runs = [fake_run("finetune", (40, 50, 60)), fake_run("cosmae", (40, 50, 64), seconds=7200),
             fake_run("cosmae", (40, 52, 66), seconds=9000)]
-    assert eval_mlknn.format_table(runs) == (
+    assert reports.format_table(runs) == (
         "| method | init | T1 (a) | T2 (b) | train h |\n"
         "|---|---|---|---|---|\n"
         "| finetune | 40.00 | 50.00 | 60.00 | 1.00 |\n"
         "| cosmae | 40.00 ± 0.00 | 51.00 ± 1.00 | 65.00 ± 1.00 | 2.25 ± 0.25 |")
-    short = eval_mlknn.format_table([fake_run("x", (1, 2, 3), seconds=290.4)], "micro_binary")
+    short = reports.format_table([fake_run("x", (1, 2, 3), seconds=290.4)], "micro_binary")
     assert short.endswith("| x | 0.50 | 1.00 | 1.50 | 290 |") and "train s" in short
 
 
@@ -177,9 +166,9 @@ def test_forgetting_table_and_matrices_mean_and_std_over_seeds():
     a1 = [[10, 10], [70, 20], [60, 80]]  # forgetting 10, BWT −10, final 70
     a2 = [[10, 10], [70, 20], [50, 80]]  # forgetting 20, BWT −20, final 65
     runs = [fake_run("ft", (1, 2, 3), a1, 100), fake_run("ft", (1, 2, 3), a2, 300)]
-    table = eval_mlknn.forgetting_table(runs)
+    table = reports.forgetting_table(runs)
     assert table.splitlines()[-1] == "| ft | 67.50 ± 2.50 | 15.00 ± 5.00 | -15.00 ± 5.00 | 200 ± 100 |"
-    matrix = eval_mlknn.format_matrix(runs, "per_task")
+    matrix = reports.format_matrix(runs, "per_task")
     assert "| after T2 (b) | 55.00 ± 5.00 | 80.00 ± 0.00 |" in matrix and "| init (random) |" in matrix
 
 
@@ -206,16 +195,30 @@ def test_eval_cli_tables_of_runs_and_seeds(tmp_path, capsys, small_eval):
 
 
 def test_eval_file_does_not_import_the_method_file():
-    code = "import sys, eval_mlknn; assert 'cosmae' not in sys.modules, 'circle'"
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    """Data flows one way: eval_mlknn imports reports, runner and rs_data, none of which imports cosmae (or
+    eval_mlknn); eval_mlknn imports cosmae only inside its command line."""
+    import ast
+    for path in ("eval_mlknn.py", "reports/__init__.py", "reports/draw.py", "rs_data/__init__.py",
+                 "runner/__init__.py"):
+        tree = ast.parse((ROOT / path).read_text())
+        inside = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "command"
+                  for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) else []
+            if "cosmae" in names or (path.startswith("reports") and "eval_mlknn" in names):
+                assert path == "eval_mlknn.py" and id(node) in inside, (path, node.lineno)
 
 
-def test_eval_cli_scores_the_checkpoints_of_a_run_whose_training_data_is_gone(tmp_path, capsys):
+def test_eval_cli_scores_the_checkpoints_of_a_run_whose_training_data_is_gone(tmp_path, capsys, monkeypatch):
     import shutil
+    import conftest
+    import tifffile
+    monkeypatch.setattr(conftest, "write_packbits_tiled", tifffile.imwrite)  # Potsdam is not read here: written fast
     make_datasets(tmp_path / "d")
     make_ucmerced(tmp_path / "U")
     run, ucm = tmp_path / "run", str(tmp_path / "U")
-    cosmae.main(["--tasks", "potsdam", "treesat", "--data-root", str(tmp_path / "d"), "--model", "vit_test",
+    cosmae.main(["--tasks", "us3d", "treesat", "--data-root", str(tmp_path / "d"), "--model", "vit_test",
                  "--epochs", "1", "--batch-size", "2", "--warmup-epochs", "0.5", "--no-eval", "--device", "cpu",
                  "--cache-dir", str(tmp_path / "c"), "--out", str(run)])
     shutil.rmtree(tmp_path / "d")
@@ -296,11 +299,11 @@ def check_run_pictures(out: Path, tasks: list, points: int):
     """reconstructions.png: a row per task, a column per evaluation point, each cell the first tile of its task's
     row of reconstructions_T<t>.png; the heat maps: a row per evaluation point, a column per task."""
     rows = eval_mlknn.read_rows(out)
-    img, lay = eval_mlknn.reconstructions_picture(out, tasks, rows)
+    img, lay = reports.reconstructions_picture(out, tasks, rows)
     on_disk = np.asarray(Image.open(out / "reconstructions.png").convert("RGB"))
     assert np.array_equal(on_disk, np.asarray(img))
     assert len(lay["boxes"]) == len(tasks) and all(len(r) == points for r in lay["boxes"])
-    size = eval_mlknn.RECON_CELL
+    size = reports.RECON_CELL
     for t in range(points):
         panel = np.asarray(Image.open(out / f"reconstructions_T{t}.png").convert("RGB"))
         h = panel.shape[0] // len(tasks)
@@ -313,15 +316,15 @@ def check_run_pictures(out: Path, tasks: list, points: int):
             assert (original == original[..., :1]).all()  # a synthetic sensor: its band in grey
             masked = on_disk[y0:y1, x0 + size + 3:x0 + 2 * size + 3]
             assert (masked == draw.MASK_COLOR).all(-1).mean() > 0.5  # r = 0.75 of it removed (blue)
-    drawn = eval_mlknn.run_matrices(tasks, rows, "cosmae")
+    drawn = reports.run_matrices(tasks, rows, "cosmae")
     assert set(drawn) == {"accuracy_matrix.png", "reconstruction_matrix.png"}
     for name, (img, lay) in drawn.items():
         assert np.array_equal(np.asarray(Image.open(out / name).convert("RGB")), np.asarray(img))
         assert len(lay["cells"]) == points and all(len(r) == len(tasks) for r in lay["cells"])
 
 
-def test_run_writes_reconstructions_and_matrix_pictures_also_after_a_resume(tmp_path, small_eval, monkeypatch,
-                                                                            one_thread):
+def test_run_pictures_also_after_a_resume_and_cli_figures_compare_labels(tmp_path, small_eval, monkeypatch, capsys,
+                                                                         one_thread):
     cfg = picture_cfg(tmp_path)
     real = cosmae.train_task
 
@@ -341,25 +344,24 @@ def test_run_writes_reconstructions_and_matrix_pictures_also_after_a_resume(tmp_
     check_run_pictures(out, cfg.tasks, 3)
     after = np.asarray(Image.open(out / "reconstructions.png"))
     assert after.shape[1] > before.shape[1] and after.shape[0] == before.shape[0]  # one more column, same rows
-    x_init = eval_mlknn.reconstructions_picture(out, cfg.tasks, eval_mlknn.read_rows(out))[1]["boxes"][0][0]
+    x_init = reports.reconstructions_picture(out, cfg.tasks, eval_mlknn.read_rows(out))[1]["boxes"][0][0]
     assert np.array_equal(after[x_init[1]:x_init[3], x_init[0]:x_init[2]], before[x_init[1]:x_init[3],
                                                                                    x_init[0]:x_init[2]])
-
-
-def test_cli_figures_compare_labels_side_by_side(tmp_path, small_eval, capsys, one_thread):
-    for method in ("cosmae", "finetune"):
-        run_with_eval(picture_cfg(tmp_path, method=method, out=str(tmp_path / method)))
+    # --figures: the finished run beside a finetune run, a column (reconstructions) and a row (matrices) per label
+    out.rename(tmp_path / "cosmae")
+    run_with_eval(picture_cfg(tmp_path, method="finetune", out=str(tmp_path / "finetune")))
     folders = [str(tmp_path / "cosmae"), str(tmp_path / "finetune")]
+    capsys.readouterr()
     eval_mlknn.main(folders + ["--figures", str(tmp_path / "figs")])
     assert "pictures:" in capsys.readouterr().out
-    labels = eval_mlknn.group_runs([e for f in folders for e in eval_mlknn.load_run(f)])
+    labels = reports.group_runs([e for f in folders for e in eval_mlknn.load_run(f)])
     assert list(labels) == ["cosmae", "finetune"]
-    img, lay = eval_mlknn.compare_reconstructions(labels, ["synth_pan", "synth_red"])
+    img, lay = reports.compare_reconstructions(labels, ["synth_pan", "synth_red"])
     assert len(lay["boxes"]) == 2 and all(len(r) == 2 for r in lay["boxes"])  # rows = tasks, a column per label
     on_disk = np.asarray(Image.open(tmp_path / "figs" / "reconstructions.png").convert("RGB"))
     assert on_disk.shape[:2] == (lay["size"][1], lay["size"][0])
     for c, method in enumerate(labels):  # each label's column: its run's cells after its last task
-        own = eval_mlknn.reconstructions_picture(tmp_path / method, ["synth_pan", "synth_red"],
+        own = reports.reconstructions_picture(tmp_path / method, ["synth_pan", "synth_red"],
                                                  eval_mlknn.read_rows(tmp_path / method))
         own_img = np.asarray(own[0])
         for j in range(2):
@@ -367,7 +369,7 @@ def test_cli_figures_compare_labels_side_by_side(tmp_path, small_eval, capsys, o
             u0, v0, u1, v1 = own[1]["boxes"][j][-1]
             assert np.array_equal(on_disk[y0:y1, x0:x1], own_img[v0:v1, u0:u1])
     matrices = Image.open(tmp_path / "figs" / "matrices.png")
-    assert matrices.size == eval_mlknn.compare_matrices(labels, ["synth_pan", "synth_red"]).size
+    assert matrices.size == reports.compare_matrices(labels, ["synth_pan", "synth_red"]).size
     assert matrices.height > 2 * 150 and matrices.width > 2 * 300  # two labels × (A | R)
     with pytest.raises(SystemExit):
         eval_mlknn.main(["--figures", str(tmp_path / "figs")])  # no run folder named

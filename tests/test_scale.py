@@ -1,28 +1,25 @@
 import json
 import math
-import multiprocessing
 import os
 import resource
-import subprocess
-import sys
 import tempfile
-import time
 
+import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+import torch.multiprocessing as mp
 
 import baselines
+import bench
 import cosmae
 import eval_mlknn
 import rs_data
 import runner
-from cosmae import MAE, MODELS, Config, ReplayBuffer, mim_loss, mix_batch
+from cosmae import Config, ReplayBuffer, mim_loss
 from conftest import ROOT, records, tiny_cfg, train
 
 
 def _ddp_worker(rank, world, port, cfg_kw, out):
-    import os
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -30,6 +27,12 @@ def _ddp_worker(rank, world, port, cfg_kw, out):
     runner.setup_distributed(cfg)
     res = train(cfg)
     torch.save(res["model"].state_dict(), f"{out}/rank{rank}.pt")
+    g = torch.Generator().manual_seed(0)  # Eq. (4) over the global batch: rows 2·rank, 2·rank + 1 are this process's
+    z, t = torch.randn(2 * world, 6, generator=g), torch.randn(2 * world, 6, generator=g)
+    mine = z[2 * rank:2 * rank + 2].clone().requires_grad_()
+    loss = mim_loss(runner.gather(mine), runner.gather(t[2 * rank:2 * rank + 2]), 0.5)
+    loss.backward()
+    torch.save(dict(loss=loss.detach(), grad=mine.grad), f"{out}/gather{rank}.pt")
     runner.teardown_distributed()  # as runner.main ends a torchrun run
 
 
@@ -40,43 +43,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_ranks_train_one_model_and_log_each_step_once(tmp_path):
-    """torchrun's path on CPU (gloo): the two processes end with the same weights; only process 0 writes."""
-    import torch.multiprocessing as mp
+def test_ddp_two_ranks_train_one_model_log_each_step_once_and_gather_eq4_over_the_global_batch(tmp_path):
+    """torchrun's path on CPU (gloo): the two processes end with the same weights; only process 0 writes. Each
+    process's Eq. (4) is the loss of the whole global batch; its gradient on its own rows is W times the
+    single-process one (all_gather's backward sums the W identical losses), which DDP's mean over the W processes
+    turns back into the single-process gradient of the weights."""
     kw = dict(tasks=["synth_red", "synth_green"], model="vit_test", epochs=1, batch_size=8, synth_train=32,
               memory_size=20, eval=False, log_every=1, device="cpu", warmup_epochs=0.5)
     mp.spawn(_ddp_worker, args=(2, free_port(), dict(kw, out=str(tmp_path / "ddp")), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # the same encoder (and decoder) on both ranks
-    log = [json.loads(x) for x in open(tmp_path / "ddp" / "metrics.jsonl")]
+    log = records(tmp_path / "ddp")
     assert [(r["task"], r["step"]) for r in log] == [(t, s) for t in (1, 2) for s in range(1, 5)]
     assert log[-1]["loss/mim"] != 0 and all(math.isfinite(r["loss/total"]) for r in log)
     assert (tmp_path / "ddp" / "task2_synth_green.pt").exists() and not (tmp_path / "ddp" / "rank1.pt").exists()
-
-
-def _gather_worker(rank, world, port, out):
-    import os
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    runner.DIST.update(rank=rank, world=world)
-    g = torch.Generator().manual_seed(0)
-    z, t = torch.randn(2 * world, 6, generator=g), torch.randn(2 * world, 6, generator=g)  # the global batch
-    mine = z[2 * rank:2 * rank + 2].clone().requires_grad_()
-    loss = mim_loss(runner.gather(mine), runner.gather(t[2 * rank:2 * rank + 2]), 0.5)
-    loss.backward()
-    torch.save(dict(loss=loss.detach(), grad=mine.grad), f"{out}/gather{rank}.pt")
-    runner.teardown_distributed()
-
-
-def test_eq4_over_the_global_batch_under_torchrun():
-    """Each process's Eq. (4) is the loss of the whole global batch; its gradient on its own rows is W times the
-    single-process one (all_gather's backward sums the W identical losses), which DDP's mean over the W processes
-    turns back into the single-process gradient of the weights."""
-    import tempfile
-    import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_gather_worker, args=(2, free_port(), out), nprocs=2)
-        got = [torch.load(f"{out}/gather{r}.pt", weights_only=True) for r in (0, 1)]
+    got = [torch.load(tmp_path / f"gather{r}.pt", weights_only=True) for r in (0, 1)]
     g = torch.Generator().manual_seed(0)
     z, t = torch.randn(4, 6, generator=g).requires_grad_(), torch.randn(4, 6, generator=g)
     loss = mim_loss(z, t, 0.5)
@@ -211,16 +192,17 @@ def test_compiled_and_eager_steps_agree(monkeypatch):
     assert np.allclose(eager, compiled, rtol=1e-4, atol=1e-5)
 
 
-def test_bench_profile_and_end_to_end_run_of_cosmae_on_generated_official_layouts(tmp_path):
+def test_bench_profile_and_end_to_end_run_of_cosmae_on_generated_official_layouts(tmp_path, capfd, monkeypatch,
+                                                                                    one_thread):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the run of cosmae.py
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, "-m", "bench", "--model", "vit_test", "--device", "cpu", "--batch", "4",
-                          "--repeats", "1", "--warmup", "0", "--end-to-end", "--e2e-steps", "4", "--profile",
-                          "--json", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "task 1 us3d" in res.stdout and "task 2 uavid" in res.stdout  # the real loop's progress lines
-    assert res.stdout.count("the operations that took the most:") == 2
+    bench.main(["--model", "vit_test", "--device", "cpu", "--batch", "4", "--repeats", "1", "--warmup", "0",
+                "--end-to-end", "--e2e-steps", "4", "--profile", "--json", str(out)])
+    printed = capfd.readouterr().out
+    assert "task 1 us3d" in printed and "task 2 uavid" in printed  # the real loop's progress lines
+    assert printed.count("the operations that took the most:") == 2
     r = json.loads(out.read_text())
+    assert all(r[f"flops_{k}"] > 0 and r["seconds"][k] > 0 for k in "abfg") and r["flops_b"] > r["flops_a"]
     for k in "ab":  # the profile's table: the operations with the most self time, their shares adding up
         top = r["profile"][k]["top"]
         assert len(top) == 12 and any("addmm" in op or "linear" in op for op, _, _ in top)
@@ -230,7 +212,7 @@ def test_bench_profile_and_end_to_end_run_of_cosmae_on_generated_official_layout
     assert (e2e["a"]["task"], e2e["a"]["steps"], e2e["b"]["task"], e2e["b"]["steps"]) == ("us3d", 4, "uavid", 30)
     for k in "ab":
         assert 0 <= e2e[k]["data_wait_mean"] <= e2e[k]["data_wait_max"] <= 1 and e2e[k]["of_bench"] > 0
-        assert "% of (" + k + ")'s" in res.stdout
+        assert "% of (" + k + ")'s" in printed
 
 
 def test_unwritable_table_out_and_bad_bench_flags_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
@@ -243,14 +225,24 @@ def test_unwritable_table_out_and_bad_bench_flags_are_refused_before_the_work(tm
         with pytest.raises(SystemExit) as e:
             eval_mlknn.main(["--ucmerced", str(tmp_path)] + flags)
         assert e.value.code == 2 and message in capsys.readouterr().err
-    bench = subprocess.run([sys.executable, "-m", "bench", "--repeats", "0"], cwd=ROOT, capture_output=True, text=True)
-    assert bench.returncode == 2 and bench.stderr.strip() == "error: --repeats 0: must be ≥ 1"
-    bench = subprocess.run([sys.executable, "-m", "bench", "--e2e-steps", "1"], cwd=ROOT, capture_output=True, text=True)
-    assert bench.returncode == 2 and bench.stderr.strip() == "error: --e2e-steps 1: must be ≥ 2"
-    small_files = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))  # noqa: E731
-    bench = subprocess.run([sys.executable, "-m", "bench", "--model", "vit_test", "--device", "cpu"], cwd=ROOT,
-                           capture_output=True, text=True, preexec_fn=small_files, env={**os.environ,
-                                                                                         "TMPDIR": str(tmp_path)})
-    assert bench.returncode == 2 and bench.stderr.startswith("error: no space left on the device writing ")
-    assert "TMPDIR" in bench.stderr and len(bench.stderr.strip().splitlines()) == 1
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]  # its temporary folder removed
+
+    def bench_main(*flags):  # → (exit code, stderr)
+        with pytest.raises(SystemExit) as e:
+            bench.main(list(flags))
+        return e.value.code, capsys.readouterr().err.strip()
+    assert bench_main("--repeats", "0") == (2, "error: --repeats 0: must be ≥ 1")
+    assert bench_main("--e2e-steps", "1") == (2, "error: --e2e-steps 1: must be ≥ 2")
+    code, err = bench_main("--device", "tpu")
+    assert code == 2 and err.startswith("error: --device tpu: not a device name")
+    # a full temporary folder (a file size limit of 1 MiB): one line naming the file and TMPDIR, the folder removed
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1]))  # Python ignores SIGXFSZ: writes fail with EFBIG
+    try:
+        code, err = bench_main("--model", "vit_test", "--device", "cpu")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    assert code == 2 and err.startswith("error: no space left on the device writing ") and "TMPDIR" in err
+    assert len(err.splitlines()) == 1 and not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]
+    monkeypatch.setattr(bench, "run_bench", lambda args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert bench_main() == (130, "bench: interrupted (nothing to resume: its files were temporary)")
