@@ -1,9 +1,6 @@
-"""The other rows of the paper's Table II (§III-D): ER, EWC, DER, LUMP and PFR, built from cosmae.py's parts.
-
-The paper gives none of their settings: the defaults are ours (README, "Inferred choices"). Every method trains as
-fine-tuning on task 1 (§III-D). A baseline plugs into cosmae.train() as mammoth's methods do: `step` replaces
-cosmae.train_step (changing what the MAE sees, `inputs`; adding a loss, `term`; looking at the batch, `after_step`);
-runner.Run calls `start_task` / `end_task` and keeps `state_dict` in every checkpoint.
+"""The other rows of Table II (§III-D): ER, EWC, DER, LUMP, PFR from cosmae.py's parts; the paper gives none of their
+settings (ours: docs/choices.md, 13); all train as fine-tuning on task 1. `step` replaces cosmae.train_step (via
+`inputs`, `term`, `after_step`); runner.Run calls start_task / end_task and checkpoints state_dict.
     python baselines.py --method lump          # any of: er ewc der lump pfr (and cosmae finetune)
 """
 from __future__ import annotations
@@ -27,18 +24,17 @@ from rs_data import DataError, augment
 class BaselineConfig(cosmae.Config):
     method: str = arg("er", "a Table II row: er ewc der lump pfr, or cosmae finetune",
                       choices=["er", "ewc", "der", "lump", "pfr", "cosmae", "finetune"])
-    replay_batch: int = arg(0, "ER and DER: buffer images per step (0 = by method: ER ⌈0.045·B⌉, DER ⌈0.14·B⌉: "
-                               "their cost over fine-tuning in Table II's hours, +4.5 % and +25 %)", ge=0)
+    replay_batch: int = arg(0, "ER, DER: buffer images per step (0: ER ⌈0.045·B⌉, DER ⌈0.14·B⌉, from Table II's "
+                               "hours)", ge=0)
     ewc_lambda: float = arg(100.0, "EWC: penalty weight λ_EWC (not given in the paper; not tuned)", ge=0)
     ewc_batches: int = arg(16, "EWC: batches used to estimate the diagonal Fisher after each task", ge=1)
-    der_alpha: float = arg(0.1, "DER: weight of the feature-replay MSE (LUMP's DER default)", ge=0)
+    der_alpha: float = arg(0.1, "DER: weight of its feature MSE (ours, not tuned; LUMP's configs: 0.4)", ge=0)
     pfr_weight: float = arg(1.0, "PFR: weight of the cosine regulariser (not given in the paper)", ge=0)
     lump_alpha: float = arg(0.4, "LUMP: α of its λ ~ Beta(α, α), one draw per step (LUMP's own value)", gt=0)
 
 
 def resolve(cfg: BaselineConfig) -> BaselineConfig:
-    """cosmae.resolve (presets; none of CoSMAE's regularisers for these methods), then ER's and DER's replay batch;
-    a method that replays the buffer needs one (LUMP: a batch of it)."""
+    """cosmae.resolve (no CoSMAE regulariser here), then ER's and DER's replay batch; a replay method needs a buffer."""
     cfg, method = cosmae.resolve(cfg), cfg.method
     if method in ("er", "der"):
         cfg.replay_batch = cfg.replay_batch or math.ceil(cfg.batch_size * (0.045 if method == "er" else 0.14))
@@ -132,13 +128,11 @@ class EWC(Baseline):
         self.anchor = {n: p.detach().clone() for n, p in params.items()}
 
     def state_dict(self):
-        return {**{"fisher." + n: v for n, v in self.fisher.items()},
-                **{"anchor." + n: v for n, v in self.anchor.items()}}
+        return {f"{k}.{n}": v for k in ("fisher", "anchor") for n, v in getattr(self, k).items()}
 
     def load_state_dict(self, sd):
-        dev = self.cfg.device
-        self.fisher = {k[7:]: v.to(dev) for k, v in sd.items() if k.startswith("fisher.")}
-        self.anchor = {k[7:]: v.to(dev) for k, v in sd.items() if k.startswith("anchor.")}
+        self.fisher = {k[7:]: v.to(self.cfg.device) for k, v in sd.items() if k.startswith("fisher.")}
+        self.anchor = {k[7:]: v.to(self.cfg.device) for k, v in sd.items() if k.startswith("anchor.")}
 
 
 class DER(Baseline):
@@ -172,8 +166,7 @@ class DER(Baseline):
 
 
 class PFR(Baseline):
-    """PFR [9]: the frozen previous encoder e_{t−1} (CoSMAE's teacher at λ2 = 0, Eq. (3)) and the projector g;
-    loss 1 − cos(g(c), e_{t−1}(x)), batch mean, on the same augmented image, student masked."""
+    """PFR [9]: 1 − cos(g(c), e_{t−1}(x)), batch mean, student masked; e_{t−1}: CoSMAE's teacher at λ2 = 0."""
 
     def start_task(self, t, model, theta_prev):
         self.old = None
@@ -186,18 +179,12 @@ class PFR(Baseline):
             return 0.0
         z_old = runner.gather(self.old(x))  # [N, D]
         p = runner.gather(projector(pool_tokens(latent, self.cfg.pool)))  # [N, D]
-        return self.cfg.pfr_weight * pfr_loss(p, z_old)
-
-
-def pfr_loss(p, z_old):
-    """1 − cos(g(c), e_{t−1}(x)), batch mean. p, z_old: [N, D] → scalar."""
-    return 1 - F.cosine_similarity(p.float(), z_old.float(), dim=1).mean()
+        return self.cfg.pfr_weight * (1 - F.cosine_similarity(p.float(), z_old.float(), dim=1).mean())
 
 
 class LUMP(Baseline):
-    """LUMP [8] (Madaan et al., ICLR 2022; code divyam3897/UCL): its own reservoir of the stream (M images, a uniform
-    sample of all seen, not balanced per task), filled after every step; from task 2 on, Eq. (1) on the batch mixed
-    with as many reservoir images drawn without replacement, one λ ~ Beta(α, α) per step."""
+    """LUMP [8] (code divyam3897/UCL): its own reservoir of the stream (M images, uniform over all seen); from task 2
+    on, Eq. (1) on the batch mixed with as many reservoir images (no replacement), one λ ~ Beta(α, α) per step."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -207,7 +194,6 @@ class LUMP(Baseline):
         self.t = t
 
     def inputs(self, raw, rng, gen):
-        """From task 2 on: the augmented batch mixed with as many reservoir images, one λ ~ Beta(α, α)."""
         x, lam = super().inputs(raw, rng, gen)
         if self.t > 1:
             pick = rs_data.to_device(rng.choice(min(self.seen, len(self.tiles)), len(x), replace=False), x.device)
@@ -217,10 +203,8 @@ class LUMP(Baseline):
         return x, lam
 
     def after_step(self, raw, rng):
-        self.add(raw, rng)  # the reservoir takes every batch of the stream, task 1 included
-
-    def add(self, raw, rng):
-        """Reservoir sampling: image i fills slot i while there is room, then a uniform slot of [0, i] if < M."""
+        """Reservoir sampling of every batch (task 1 too): image i fills slot i while there is room, then a uniform
+        slot of [0, i] if < M."""
         m = self.cfg.memory_size
         if self.tiles is None:
             self.tiles = torch.zeros((m, *raw.shape[1:]), dtype=torch.uint8, device=raw.device)

@@ -21,8 +21,7 @@ Index of the paper → code (grep "Eq. (" to find each tag at the line that comp
 Notation: N batch, L patches, D width, p patch size, H×W image; λ1 = lam1, λ2 = lam2, τ = tau, β = beta,
 θ_{t−1} = theta_prev; mask convention as in MAE: 1 = removed, 0 = kept.
 
-Run: `python cosmae.py` (synthetic tasks, ~5 min; --help: every flag); real data, baselines.py, eval_mlknn.py: README.
-Beside it: runner/ (run folder, resume, flag checks, stops), rs_data/ (data, augmentation); a tour: WALKTHROUGH.md.
+Run: `python cosmae.py` (synthetic tasks, ~5 min; --help: every flag); the rest: README; a tour: WALKTHROUGH.md.
 """
 from __future__ import annotations
 
@@ -485,7 +484,8 @@ class Config:
     model: str = arg("", "vit_base (paper), vit_tiny (CPU), vit_test (tests); '' = by tasks", choices=list(MODELS))
     mask_ratio: float = arg(0.75, "r, mask ratio of Eq. (1) (§III-B)",
                             check=(visible, "in (0, 1), leaving at least one patch visible and one masked"))
-    norm_pix_loss: bool | None = arg(None, "MAE's per-patch normalised target (paper: off; synthetic: on)")
+    norm_pix_loss: bool | None = arg(None, "MAE's per-patch normalised target (real data: off, an inferred choice; "
+                                     "MAE's own default is on; synthetic: on)")
     pool: str = arg("mean", "features c: mean of patch tokens or the cls token (inferred)", choices=["mean", "cls"])
     init: str = arg("", "an MAE checkpoint to start from (e.g. mae_pretrain_vit_base.pth)", type=runner.a_file)
     # CoSMAE (§II-B, §II-C)

@@ -159,7 +159,8 @@ def test_teacher_endpoints_in_place_formula_and_no_gradients():
     """Eq. (3): λ2 = 1 → θ_t, λ2 = 0 → θ_{t−1}, any λ2 equals the out-of-place formula; the teacher and
     θ_{t−1} never get gradients, and the student is left untouched by the rebuild."""
     student = tiny_model()
-    theta_prev = {k: v.clone() + torch.randn_like(v) for k, v in student.state_dict().items() if cosmae.is_encoder_key(k)}
+    theta_prev = {k: v.clone() + torch.randn_like(v) for k, v in student.state_dict().items()
+                  if cosmae.is_encoder_key(k)}
     teacher = cosmae.MixupTeacher(student, theta_prev)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     mixed_ptrs = [p.data_ptr() for p in teacher.mixed]
@@ -259,7 +260,8 @@ def test_augment_crop_flip_and_plain_resize():
     assert (right_white.all(1) ^ left_white.all(1)).all()  # every sample is either flipped or not
     assert 15 < right_white.all(1).sum() < 49  # about half flipped
     plain = rs_data.augment(tiles[:2], 32, None)
-    want = (F.interpolate(tiles[:2].float() / 255, size=(32, 32), mode="bilinear", antialias=True) - rs_data.MEAN) / rs_data.STD
+    want = F.interpolate(tiles[:2].float() / 255, size=(32, 32), mode="bilinear", antialias=True)
+    want = (want - rs_data.MEAN) / rs_data.STD
     assert torch.allclose(plain, want, atol=1e-5)
 
 
@@ -274,7 +276,8 @@ def test_optimizer_no_weight_decay_on_biases_and_norms():
     opt = cosmae.make_optimizer(m, proj, Config(weight_decay=0.05))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert any(p is m.norm.weight for p in no_decay["params"]) and any(p is m.blocks[0].attn.qkv.bias for p in no_decay["params"])
+    assert any(p is m.norm.weight for p in no_decay["params"])
+    assert any(p is m.blocks[0].attn.qkv.bias for p in no_decay["params"])
     assert any(p is proj[0].weight for p in decay["params"])
     assert not any(p is m.pos_embed for g in opt.param_groups for p in g["params"])  # fixed sin-cos
 

@@ -1,15 +1,10 @@
-"""Speed of CoSMAE's hot paths in one run on the same model, batch and device (docs/speed.md): (a) a MAE step
-(task 1), (b) a CoSMAE step (tasks 2..T), (c) the teacher rebuild, (d) the input pipeline (memory-mapped uint8
-cache → batches → augment), (e) feature extraction, (f) an ER step, (g) a DER step: medians of --repeats calls,
-the device synchronised around each; FLOPs (forward + backward) of (a), (b), (f), (g). (h) --end-to-end:
-`python cosmae.py` itself on US3D and UAVid files generated in their official layouts, against (a) and (b).
+"""Speed of CoSMAE's hot paths on one model, batch and device (docs/speed.md): (a) MAE step, (b) CoSMAE step,
+(c) teacher rebuild, (d) input pipeline, (e) feature extraction, (f) ER step, (g) DER step (medians of --repeats
+calls) and the FLOPs of (a), (b), (f), (g); (h) --end-to-end: `python cosmae.py` on generated US3D and UAVid files.
 
-    python -m bench --device cpu --batch 8 --repeats 3     # ViT-B/16 on a small CPU box (~12 min on 2 cores)
-    python -m bench --model vit_tiny --device cpu          # seconds
-    python -m bench                                        # GPU: ViT-B/16, batch 128, bf16 autocast
-    python -m bench --compile --json bench_h100.json       # torch.compile, and all figures as JSON
-    python -m bench --end-to-end --profile                 # also a real run, 2 × 300 steps (~4 GB of files), and
-                                                           # where the time of (a) and (b) goes
+    python -m bench --model vit_tiny --device cpu          # seconds (ViT-B/16 on 2 CPU cores: ~12 min)
+    python -m bench --compile --json bench_h100.json       # GPU: ViT-B/16, batch 128, bf16, torch.compile
+    python -m bench --end-to-end --profile                 # also a real run (~4 GB of files) and a profile
 """
 import json
 import os
@@ -58,8 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--end-to-end", action="store_true", help="also (h): python cosmae.py on generated US3D and UAVid")
     p.add_argument("--e2e-steps", type=int, default=300, help="steps of each of the two tasks of --end-to-end")
     args = p.parse_args(argv)
-    for name, ok, allowed in [("batch", args.batch >= 0, "≥ 0 (0 = by device)"),
-                              ("repeats", args.repeats >= 1, "≥ 1"),
+    for name, ok, allowed in [("batch", args.batch >= 0, "≥ 0 (0 = by device)"), ("repeats", args.repeats >= 1, "≥ 1"),
                               ("warmup", args.warmup >= 0, "≥ 0"), ("threads", args.threads >= 0, "≥ 0"),
                               ("e2e_steps", args.e2e_steps >= 2, "≥ 2"),
                               ("peak_tflops", 0 <= args.peak_tflops < float("inf"), "a finite number ≥ 0")]:
@@ -69,7 +63,7 @@ def parse_args(argv=None):
 
 
 def timeit(fns: dict, warmup: int, repeats: int, sync) -> dict:
-    """Median seconds of each fn(); they take turns (a, b, ..., a, b, ...): a noisy machine slows them alike."""
+    """Median seconds of each fn(), taking turns (a, b, ..., a, b, ...) so a noisy machine slows them alike."""
     times = {k: [] for k in fns}
     for i in range(warmup + repeats):
         for k, fn in fns.items():
@@ -96,14 +90,13 @@ def paper_hours(ips_a: float, ips_b: float, batch: int) -> float:
 
 
 def profile(fns: dict, device: torch.device, sync, calls: int = 3, rows: int = 12) -> dict:
-    """torch.profiler over `calls` calls after one warm-up → per fn the wall time of a call, the time the device was
-    busy (GPU: its kernels; CPU: the operations' self time) and the `rows` operations with the most self time."""
+    """Per fn: wall time of a call, device busy time (CPU: ops' self time) and the `rows` ops with most self time."""
     cuda, out = device.type == "cuda", {}
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    acts = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
     for k, fn in fns.items():
         fn()
         sync()
-        acts = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
         with torch.profiler.profile(activities=acts) as prof:
             t0 = time.perf_counter()
             for _ in range(calls):
@@ -116,17 +109,16 @@ def profile(fns: dict, device: torch.device, sync, calls: int = 3, rows: int = 1
         busy = sum(getattr(e, key) for e in ops) / calls / 1e6  # seconds per call
         top = [(e.key, getattr(e, key) / calls / 1e3, 100 * getattr(e, key) / calls / 1e6 / busy) for e in ops[:rows]]
         out[k] = dict(wall_ms=1e3 * wall, busy_ms=1e3 * busy, top=top)
-        where = f"the device busy {1e3 * busy:.1f} ms of it ({100 * busy / wall:.0f} %)" if cuda else \
-            f"the operations' self CPU time {1e3 * busy:.1f} ms of it"
-        print(f"{NAMES[k]}: {1e3 * wall:.1f} ms a call (profiled), {where}; the operations that took the most:")
+        where = f"device busy {100 * busy / wall:.0f} %" if cuda else "ops' self CPU time"
+        print(f"{NAMES[k]}: {1e3 * wall:.1f} ms a call, {where} {1e3 * busy:.1f} ms; the operations that took the "
+              "most:")
         for name, ms, pct in top:
             print(f"    {pct:5.1f} %  {ms:8.2f} ms  {name[:90]}")
     return out
 
 
 def write_layouts(root: Path, patches: int, rng: np.random.Generator):
-    """US3D (1024×1024 RGB TIFF tiles, 16 patches each) and UAVid (3840×2160 PNG frames, 120 patches each) in their
-    official layouts (docs/data.md), ≥ `patches` training patches each and one validation image; random pixels."""
+    """Random US3D (1024² TIFF, 16 patches) and UAVid (3840×2160 PNG, 120 patches) files in their official layouts."""
     for sub, n in (("Train-Track1-RGB", -(-patches // 16)), ("Validate-Track1-RGB", 1)):
         (root / "US3D" / sub).mkdir(parents=True)
         for i in range(n):
@@ -140,15 +132,13 @@ def write_layouts(root: Path, patches: int, rng: np.random.Generator):
 
 
 def end_to_end(args, cfg, ips: dict, tmp: Path) -> dict:
-    """(h): `python cosmae.py --tasks us3d uavid` on generated files, ≥ --e2e-steps steps a task in epochs of ~20
-    steps → per task the median img/s of its metrics.jsonl records after the first (the warm-up), the rate over them
-    all (epoch ends included), that median against (a) or (b), and its data wait."""
+    """(h): `python cosmae.py --tasks us3d uavid` on generated files → per task its img/s and data wait."""
     per_epoch = min(20, args.e2e_steps)
     t0 = time.perf_counter()
     with rs_data.disk_errors(tmp / "data", TMP_TODO):
         write_layouts(tmp / "data", per_epoch * cfg.batch_size, np.random.default_rng(1))
     print(f"(h) end to end: files written in {time.perf_counter() - t0:.0f} s", flush=True)
-    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "cosmae.py"), "--tasks", "us3d", "uavid",
+    cmd = [sys.executable, str(Path(__file__).parents[1] / "cosmae.py"), "--tasks", "us3d", "uavid",
            "--data-root", str(tmp / "data"), "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "run"),
            "--model", cfg.model, "--batch-size", str(cfg.batch_size), "--epochs", str(-(-args.e2e_steps // per_epoch)),
            "--warmup-epochs", "0", "--log-every", str(max(1, args.e2e_steps // 10)), "--device", cfg.device,
@@ -158,7 +148,7 @@ def end_to_end(args, cfg, ips: dict, tmp: Path) -> dict:
         raise DataError("(h) end to end: python cosmae.py failed (its message is above)")
     recs, out = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()], {}
     for t, k, task in ((1, "a", "us3d"), (2, "b", "uavid")):
-        rs = [r for r in recs if r["task"] == t]
+        rs = [r for r in recs if r["task"] == t]  # the first record is the warm-up
         steps = [r["step"] - prev["step"] for prev, r in zip(rs, rs[1:])]  # the steps each record covers
         rs = rs[1:]
         secs = sum(n * cfg.batch_size / r["img/s"] for n, r in zip(steps, rs))
@@ -167,16 +157,15 @@ def end_to_end(args, cfg, ips: dict, tmp: Path) -> dict:
                       img_per_s_overall=sum(steps) * cfg.batch_size / secs, of_bench=rate / ips[k],
                       data_wait_max=max(r["data_wait"] for r in rs),
                       data_wait_mean=sum(n * r["data_wait"] for n, r in zip(steps, rs)) / sum(steps))
-        print(f"(h) task {t} ({task}): {rate:.1f} img/s in the loop (median of its records; "
-              f"{out[k]['img_per_s_overall']:.1f} over them all) = {100 * rate / ips[k]:.1f} % of ({k})'s "
-              f"{ips[k]:.1f} | data wait {100 * out[k]['data_wait_mean']:.1f} % of the time, "
-              f"at most {100 * out[k]['data_wait_max']:.1f} % in a record")
+        print(f"(h) task {t} ({task}): median {rate:.1f} img/s ({out[k]['img_per_s_overall']:.1f} overall) = "
+              f"{100 * rate / ips[k]:.1f} % of ({k})'s {ips[k]:.1f} | data wait {100 * out[k]['data_wait_mean']:.1f} "
+              f"%, at most {100 * out[k]['data_wait_max']:.1f} %")
     return out
 
 
 def main(argv=None):
-    runner.cli(lambda: run_bench(parse_args(argv)), interrupted="bench: interrupted (nothing to resume: its files "
-               "were temporary)")
+    runner.cli(lambda: run_bench(parse_args(argv)),
+               interrupted="bench: interrupted (nothing to resume: its files were temporary)")
 
 
 def run_bench(args):
@@ -223,8 +212,8 @@ def run_bench(args):
               f"{cfg.amp and cuda} | compile {cfg.compile} | median of {args.repeats} after {args.warmup} warm-up",
               flush=True)
         flops = {k: count_flops(fn) for k, fn in steps(model, teacher).items()}  # the same compiled or not
-        fns = steps(*(torch.compile(m, dynamic=False) for m in (model, teacher))) if cfg.compile else \
-            steps(model, teacher)
+        nets = [torch.compile(m, dynamic=False) for m in (model, teacher)] if cfg.compile else [model, teacher]
+        fns = steps(*nets)
         t = timeit(dict(a=fns["a"], b=fns["b"], c=lambda: teacher.rebuild(0.5), d=pipeline,
                         e=lambda: eval_mlknn.extract_features(model, feat_tiles, cfg.pool, device, cfg.amp, batch),
                         f=fns["f"], g=fns["g"]), args.warmup, args.repeats, sync)
@@ -233,39 +222,33 @@ def run_bench(args):
         r = dict(device=str(device), model=cfg.model, batch=batch, amp=cfg.amp and cuda, compile=cfg.compile,
                  seconds=t, images_per_s=ips, rebuild_pct_of_b=100 * t["c"] / t["b"], pipeline_x_b=ips["d"] / ips["b"],
                  **{f"flops_{k}": f for k, f in flops.items()})
-        extra = {k: f"{f / 1e9:9.4g} GFLOP" for k, f in flops.items()} | dict(
+        extra = {k: f"{f / 1e9:9.4g} GFLOP, {f / batch / 1e9:.2f} per image" for k, f in flops.items()} | dict(
             c=f"{r['rebuild_pct_of_b']:9.2f} % of (b)", d=f"{r['pipeline_x_b']:9.1f} × (b)'s img/s", e="")
         for k in t:
             print(f"{NAMES[k]:24s} {1e3 * t[k]:10.1f} ms {ips[k]:10.1f} img/s  {extra[k]}")
-        for k, paper in (("b", None), ("f", "+4.5 %"), ("g", "+25 %")):
+        for k, paper in (("b", ""), ("f", "+4.5 %"), ("g", "+25 %")):
             time_x, flop_x = r[f"time_ratio_{k}_a"], r[f"flop_ratio_{k}_a"] = t[k] / t["a"], flops[k] / flops["a"]
-            note = f"{100 * (time_x / flop_x - 1):+.1f} % off" if paper is None else \
-                f"Table II's hours imply {paper} per step on tasks 2-4"
+            note = f"Table II's hours imply {paper} per step on tasks 2-4" if paper else \
+                f"{time_x / flop_x - 1:+.1%} off"
             print(f"({k})/(a): time {time_x:.3f}×, FLOPs {flop_x:.3f}× ({note})")
-        print(f"FLOPs per image (FlopCounterMode over one step, forward + backward: matmuls, convolutions, attention): "
-              f"(a) {flops['a'] / batch / 1e9:.2f} GFLOP, (b) {flops['b'] / batch / 1e9:.2f} GFLOP")
         if cuda:
-            card = torch.cuda.get_device_name(device)
-            peak = args.peak_tflops or next((p for key, p in PEAK_BF16 if all(w in card for w in key.split())), 0)
+            peak = args.peak_tflops or next((p for key, p in PEAK_BF16 if all(w in where for w in key.split())), 0)
             for k in "ab":
                 r[f"tflops_{k}"] = flops[k] / t[k] / 1e12
                 r[f"mfu_{k}"] = r[f"tflops_{k}"] / peak if peak else None
-                mfu = (f"MFU {100 * r[f'mfu_{k}']:.1f} % of {peak:g} TFLOP/s, the bf16 dense peak of {card}" if peak
-                       else "peak of this card unknown: give it with --peak-tflops")
-                print(f"{NAMES[k]:24s} {r[f'tflops_{k}']:8.1f} TFLOP/s = {flops[k] / batch / 1e9:.2f} GFLOP per "
-                      f"image × {ips[k]:.0f} img/s ({mfu})")
+                mfu = f"MFU {r[f'mfu_{k}']:.1%} of {peak:g}, the bf16 dense peak of {where}" if peak else \
+                    "peak of this card unknown: give it with --peak-tflops"
+                print(f"{NAMES[k]:24s} {r[f'tflops_{k}']:8.1f} TFLOP/s ({mfu})")
         if args.profile:
             r["profile"] = profile(dict(a=fns["a"], b=fns["b"]), device, sync)
         r["paper_protocol_hours"] = paper_hours(ips["a"], ips["b"], batch)
-        print(f"paper protocol projected from (a) and (b), not measured (4 tasks × {PAPER_EPOCHS} epochs of "
-              f"{sum(PAPER_TRAIN.values())} images; task 1 at (a), 2-4 at (b)): {r['paper_protocol_hours']:.1f} h")
+        print(f"paper protocol projected from (a) and (b) (4 tasks × {PAPER_EPOCHS} epochs of "
+              f"{sum(PAPER_TRAIN.values())} images): {r['paper_protocol_hours']:.1f} h")
         if args.end_to_end:
             if cuda:
                 torch.cuda.empty_cache()  # the run is another process: leave it the memory of this one's steps
             e2e = r["end_to_end"] = end_to_end(args, cfg, ips, Path(tmp))
-            r["paper_protocol_hours_measured"] = paper_hours(e2e["a"]["img_per_s_median"],
-                                                             e2e["b"]["img_per_s_median"], batch)
-            print(f"paper protocol at the loop's measured rates (their medians; training only): "
-                  f"{r['paper_protocol_hours_measured']:.1f} h")
+            r["paper_protocol_hours_measured"] = paper_hours(*(e2e[k]["img_per_s_median"] for k in "ab"), batch)
+            print(f"paper protocol at the loop's measured rates: {r['paper_protocol_hours_measured']:.1f} h")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))

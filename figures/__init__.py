@@ -1,10 +1,6 @@
-"""The teaching figures of WALKTHROUGH.md (Eq. 1-3, §III-C), drawn with reports.draw from the project's own
-functions on synthetic tiles. ASCII text: lam1 = λ1, theta_prev = θ_{t−1}. Bands are numbered from 0, as in
-rs_data.SYNTH_TASKS: band 0 (red), band 1 (green), band 2 (blue).
-
-    python -m figures                            # figures/*.png of FIGURES, under a minute on 2 CPU cores
-    python -m figures --out DIR --only teacher
-"""
+"""The teaching figures of WALKTHROUGH.md (Eq. 1-3, §III-C) from the project's own functions on synthetic tiles
+(ASCII text: lam1 = λ1, theta_prev = θ_{t−1}; bands numbered from 0). `python -m figures [--out DIR] [--only teacher]`:
+figures/*.png, under a minute on 2 CPU cores."""
 import argparse
 import math
 import time
@@ -20,17 +16,15 @@ import rs_data
 from reports.draw import COLORS, MASK_COLOR, as_rgb, image_grid, line_plot, small_png, upscale, vstack
 
 
-def band_grey(x, band: int) -> np.ndarray:
-    """[3, H, W] values in [0, 1] → uint8 [H, W]: one band in grey."""
+def band_grey(x, band: int) -> np.ndarray:  # [3, H, W] values in [0, 1] → uint8 [H, W]: one band in grey
     return np.round(255 * np.clip(np.asarray(x, dtype=np.float64)[band], 0, 1)).astype(np.uint8)
 
 
-def to_unit(x) -> np.ndarray:
-    """Normalised images [N, 3, H, W] (rs_data.augment) → numpy values in [0, 1]."""
+def to_unit(x) -> np.ndarray:  # normalised images [N, 3, H, W] (rs_data.augment) → numpy values in [0, 1]
     return (x * rs_data.STD + rs_data.MEAN).clamp(0, 1).numpy()
 
 
-def synth(name: str, n: int, size: int, seed: int = 0) -> torch.Tensor:
+def synth(name: str, n: int, size: int, seed: int = 0) -> torch.Tensor:  # [n, 3, size, size] uint8 tiles
     return torch.from_numpy(rs_data.synth_task(name, n, size, seed)[0])
 
 
@@ -155,8 +149,7 @@ def masking_figure() -> Image.Image:
     return vstack([top, bottom], gap=0)
 
 
-FIGURES = {"beta_density": beta_density_figure, "mixup": mixup_figure, "teacher": teacher_figure,
-           "masking": masking_figure}
+FIGURES = dict(beta_density=beta_density_figure, mixup=mixup_figure, teacher=teacher_figure, masking=masking_figure)
 
 
 def main(argv=None):
@@ -165,11 +158,9 @@ def main(argv=None):
     p.add_argument("--out", default="figures", help="folder for the PNGs (created)")
     p.add_argument("--only", nargs="*", choices=list(FIGURES), help="only these figures")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     for name in args.only or FIGURES:
-        t0 = time.time()
+        t0, path = time.time(), Path(args.out) / f"{name}.png"
         img = FIGURES[name]()
-        small_png(img, out / f"{name}.png", 64 if name == "mixup" else 256)  # mixup: noise, 64 colours are plenty
-        print(f"{out / name}.png  {img.width} x {img.height}  {(out / f'{name}.png').stat().st_size // 1024} KB  "
-              f"({time.time() - t0:.1f} s)")
+        small_png(img, path, 64 if name == "mixup" else 256)  # mixup: noise, 64 colours are plenty
+        print(f"{path}  {img.width} x {img.height}  {path.stat().st_size // 1024} KB  ({time.time() - t0:.1f} s)")

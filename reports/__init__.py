@@ -16,7 +16,6 @@ from rs_data import DataError, atomic_write
 KINDS = {"micro": "micro", "macro": "macro", "micro_binary": "micro ★", "macro_binary": "macro ★"}
 STAR = ("★ ranks ML-kNN's 0/1 decisions: the kind to set beside the paper's Tables I and II; the others rank its "
         "posteriors (README, 'Which mAP the paper reports')")
-SETTING = lambda r: (r["eval_set"], tuple(r["tasks"]))  # noqa: E731
 RECON_CELL = 96  # pixels per view in reconstructions.png (original | masked | reconstruction: 3 views a cell)
 
 
@@ -36,7 +35,7 @@ def forgetting_bwt(a) -> dict:
 
 
 def cell(values: list, digits: int = 2) -> str:
-    """'mean' for one value, 'mean ± std' (population std over seeds) for several, '—' for none."""
+    """'mean' of one value, 'mean ± std' (population std over seeds) of several, '—' of none."""
     values = [v for v in values if v is not None]
     if not values:
         return "—"
@@ -50,9 +49,12 @@ def markdown(head: list, rows: list, caption: str = "") -> str:
                      + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def setting(run: dict) -> tuple:
+    return run["eval_set"], tuple(run["tasks"])
+
+
 def group_runs(runs: list, key=lambda r: r["label"]) -> dict:
-    """{label: [runs]}: runs that differ only by seed form one group (their mean ± std); key=SETTING: what differs
-    (evaluation set, task list) is never averaged together."""
+    """{label: [runs]}: runs that differ only by seed form a group; key=setting: by evaluation set and task list."""
     groups = defaultdict(list)
     for r in runs:
         groups[key(r)].append(r)
@@ -113,31 +115,24 @@ def report(runs: list, k: int = 10) -> str:
         parts = [format_table(runs, m, f"{caption}: {name} mAP") for m, name in KINDS.items()] + [STAR]
     for label, group in group_runs(runs).items():
         if any(has_matrix(r) for r in group):
-            parts.append(format_matrix(group, "per_task", f"\n{label}: accuracy matrix A[t][j] = micro mAP (%) of "
-                                                          "ML-kNN on task j's own images and labels, after task t:"))
+            parts.append(format_matrix(group, "per_task", f"\n{label}: accuracy matrix A[t][j] = micro mAP (%) on "
+                                       "task j's own images and labels, after task t:"))
         if any(r["rows"] and r["rows"][0].get("rec_loss") for r in group):
-            parts.append(format_matrix(group, "rec_loss", f"\n{label}: reconstruction matrix R[t][j] = Eq. (1) on task "
-                                                          "j's held-out tiles (fixed masks), after task t; label-free, "
-                                                          "a rise down a column is forgetting:", digits=4))
+            parts.append(format_matrix(group, "rec_loss", f"\n{label}: reconstruction matrix R[t][j] = Eq. (1) on "
+                                       "task j's held-out tiles after task t (a rise down a column: forgetting):", 4))
     if any(has_matrix(r) for r in runs):
-        parts.append(forgetting_table(runs, "\nfrom A: final average mAP, average forgetting (Chaudhry et al. 2018) "
-                                            "and backward transfer (Lopez-Paz & Ranzato 2017), micro mAP points; "
-                                            "forgetting > 0 and BWT < 0: earlier tasks were forgotten"))
+        parts.append(forgetting_table(runs, "\nfrom A: final average mAP, average forgetting and backward transfer "
+                                      "(micro mAP points; forgetting > 0, BWT < 0: forgotten)"))
     return "\n".join(parts)
 
 
 def report_all(runs: list, k: int = 10) -> str:
-    """The reports of runs, a report per evaluation set and task list."""
-    return "\n\n".join(report(g, k) for g in group_runs(runs, SETTING).values())
-
-
-def save_png(path: Path, img):
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    return "\n\n".join(report(g, k) for g in group_runs(runs, setting).values())
 
 
 def recon_cells(path: Path, n_tasks: int) -> list:
-    """reconstructions_T<t>.png (a row per task) → each task's first tile, original | masked | reconstruction,
-    RECON_CELL px a view: [uint8 [96, 3·96 + 6, 3] or None (no picture of that task)] × n_tasks."""
+    """reconstructions_T<t>.png (a row per task) → [each task's first tile, original | masked | reconstruction,
+    RECON_CELL px a view, or None]."""
     try:
         arr = np.asarray(Image.open(path).convert("RGB"))
     except (OSError, ValueError):  # missing or unreadable: that column is drawn empty
@@ -197,8 +192,7 @@ def matrix_range(mats: list, key: str) -> tuple:
 
 def matrix_heatmap(values: list, points: list, tasks: list, key: str, title: str, extra: str = "", vmin=None,
                    vmax=None, with_layout: bool = False):
-    """A heat map of A (key 'per_task') or R ('rec_loss'): a row per evaluation point, a column per task; brighter is
-    better in both (R's colours reversed)."""
+    """A heat map of A ('per_task') or R ('rec_loss'): a row per point, a column per task; brighter is better."""
     accuracy = key == "per_task"
     what = ("micro mAP (%) of ML-kNN on task j's own images and labels (posterior kind); higher is better"
             if accuracy else "Eq. (1) on task j's held-out tiles, fixed masks; lower is better")
@@ -214,9 +208,9 @@ def matrix_heatmap(values: list, points: list, tasks: list, key: str, title: str
                         "{:.1f}" if accuracy else "{:.4f}", vmin, vmax, not accuracy, with_layout)
 
 
-def run_matrices(tasks: list, rows: list, label: str = "") -> dict:
-    """One run's heat maps (one evaluation set): {'accuracy_matrix.png' (if A was measured),
-    'reconstruction_matrix.png' (if R was): (Image, layout)}."""
+def write_run_pictures(out, tasks: list, rows: list, label: str = "") -> dict:
+    """accuracy_matrix.png, reconstruction_matrix.png and reconstructions.png of a run folder (those it has; one
+    evaluation set) → {name: (Image, layout)}."""
     rows, pictures, prefix = sorted(rows, key=lambda r: r["task"]), {}, f"{label}: " if label else ""
     for key, name, title in (("per_task", "accuracy_matrix.png", "accuracy matrix A[t][j]"),
                              ("rec_loss", "reconstruction_matrix.png", "reconstruction matrix R[t][j]")):
@@ -229,16 +223,11 @@ def run_matrices(tasks: list, rows: list, label: str = "") -> dict:
                      f"{s['bwt']:.2f} (forgetting_bwt)")
         pictures[name] = matrix_heatmap(matrix_values(have, key, len(tasks)), [r["task"] for r in have], tasks, key,
                                         prefix + title, extra, with_layout=True)
-    return pictures
-
-
-def write_run_pictures(out, tasks: list, rows: list, label: str = ""):
-    """accuracy_matrix.png, reconstruction_matrix.png and reconstructions.png of a run folder (those it has)."""
-    pictures = run_matrices(tasks, rows, label)
     pictures["reconstructions.png"] = reconstructions_picture(out, tasks, rows)
     for name, picture in pictures.items():
         if picture:
-            save_png(Path(out) / name, picture[0])
+            atomic_write(Path(out) / name, lambda tmp: picture[0].save(tmp, format="PNG"))
+    return pictures
 
 
 def mean_matrix(group: list, key: str, n_tasks: int):
@@ -268,7 +257,7 @@ def compare_matrices(labels: dict, tasks: list):
                 row.append(matrix_heatmap(mean, points, list(tasks), key, f"{label}: {what}[t][j], mean of {n} "
                                           f"run{'s' if n > 1 else ''}", vmin=lo, vmax=hi))
         if row:
-            panels.append(draw.hstack(row, 24, "bottom"))
+            panels.append(draw.vstack(row, 24, across=True))
     return draw.vstack(panels, 24) if panels else None
 
 
@@ -291,11 +280,11 @@ def write_figures(runs: list, folder: Path) -> list:
     except OSError as e:
         raise DataError(f"--figures {folder}: cannot create the folder ({e.strerror})") from None
     written = []
-    for k, ((eval_set, tasks), group) in enumerate(group_runs(runs, SETTING).items()):
+    for k, ((eval_set, tasks), group) in enumerate(group_runs(runs, setting).items()):
         suffix, labels = "" if k == 0 else f"_{k + 1}", group_runs(group)
         mats, recs = compare_matrices(labels, list(tasks)), compare_reconstructions(labels, list(tasks), eval_set)
         for name, img in ((f"matrices{suffix}.png", mats), (f"reconstructions{suffix}.png", recs and recs[0])):
             if img is not None:
-                save_png(folder / name, img)
+                atomic_write(folder / name, lambda tmp: img.save(tmp, format="PNG"))
                 written.append(folder / name)
     return written

@@ -1,6 +1,5 @@
-"""Drawing for readers with numpy and Pillow only (no matplotlib): legible text (Pillow's scalable font, else its
-bitmap font scaled up), viridis, heat maps with their numbers in the cells, line plots with axes, ticks and a legend,
-labelled image grids. The *_layout functions say where each cell goes (for callers and tests)."""
+"""Drawing with numpy and Pillow only (no matplotlib): text in Pillow's scalable font, viridis, heat maps with their
+numbers in the cells, line plots with axes, ticks and a legend, labelled image grids."""
 from __future__ import annotations
 
 import functools
@@ -16,39 +15,17 @@ VIRIDIS = np.array([(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (
                     (92, 200, 99), (170, 220, 50), (253, 231, 37)], dtype=np.float64)  # at 0, 1/8, ..., 1
 
 
-# --- text ----------------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def font(size: int):
-    """Pillow's scalable default font (Aileron, ASCII only; Pillow ≥ 10.1 with FreeType), or None (then the bitmap
-    font, scaled up)."""
-    try:
-        f = ImageFont.load_default(size=size)
-    except Exception:  # an older Pillow (no size argument) or one without FreeType
-        return None
-    return f if isinstance(f, ImageFont.FreeTypeFont) else None
-
-
 @functools.lru_cache(maxsize=4096)
 def text_mask(text: str, size: int = 13) -> Image.Image:
-    """The text as an 8-bit mask, one line box high: texts of one size share a baseline."""
-    f = font(size)
-    if f is not None:
-        ascent, descent = f.getmetrics()
-        mask = Image.new("L", (max(1, math.ceil(f.getlength(text))), ascent + descent))
-        ImageDraw.Draw(mask).text((0, 0), text, font=f, fill=255)
-        return mask
-    bitmap = ImageFont.load_default() if not hasattr(ImageFont, "load_default_imagefont") else \
-        ImageFont.load_default_imagefont()
-    w, h = max(1, int(bitmap.getlength(text)) if hasattr(bitmap, "getlength") else 6 * len(text)), 11
-    mask = Image.new("L", (w, h))
-    ImageDraw.Draw(mask).text((0, 0), text, font=bitmap, fill=255)
-    k = max(1, round(size / 10))  # the bitmap font is ~10 px: scaled by a whole factor, it stays crisp
-    return mask.resize((w * k, h * k), Image.NEAREST)
+    """The text as an 8-bit mask, one line box high (Pillow ≥ 10.1's Aileron): texts of one size share a baseline."""
+    f = ImageFont.load_default(size=size)
+    ascent, descent = f.getmetrics()
+    mask = Image.new("L", (max(1, math.ceil(f.getlength(text))), ascent + descent))
+    ImageDraw.Draw(mask).text((0, 0), text, font=f, fill=255)
+    return mask
 
 
 def text_size(text: str, size: int = 13) -> tuple:
-    """(width, height) in pixels of `text` drawn by draw_text at `size`."""
     return text_mask(text, size).size
 
 
@@ -68,28 +45,26 @@ def text_block(lines: list, size: int) -> int:
     return sum(text_size(s, size)[1] + 3 for s in lines)
 
 
-def draw_title(img: Image.Image, y: int, title: str, subtitle: str) -> int:
-    """The title (17 px) and the subtitle's lines (12 px, grey) from height y at the left margin → the y below."""
-    if title:
-        draw_text(img, (12, y), title, 17)
-        y += text_block([title], 17)
-    for line in subtitle.split("\n") if subtitle else []:
-        draw_text(img, (12, y), line, 12, GREY)
-        y += text_block([line], 12)
+def draw_title(img: Image.Image, x: int, y: int, title: str, subtitle: str, sizes=(17, 12), s: int = 1):
+    """The title and the subtitle's lines (grey) from (x, y), at sizes × s → the y below."""
+    lines = [(title, sizes[0], INK)] if title else []
+    lines += [(t, sizes[1], GREY) for t in subtitle.split("\n") if subtitle]
+    for line, size, fill in lines:
+        draw_text(img, (x, y), line, size * s, fill)
+        y += text_block([line], size) * s
     return y
 
 
-def draw_frame(img: Image.Image, lay: dict, boxes: list, title: str, subtitle: str, row_labels: list, col_labels: list):
+def draw_frame(img: Image.Image, lay: dict, title: str, subtitle: str, row_labels: list, col_labels: list):
     """The title, the column labels over the first row of boxes, each row's label left of it."""
-    draw_title(img, lay["title_y"], title, subtitle)
+    draw_title(img, 12, 12, title, subtitle)
+    boxes = lay["boxes"]
     for j, label in enumerate(col_labels if boxes else []):
         x0, y0, x1, _ = boxes[0][j]
         draw_text(img, ((x0 + x1) // 2, y0 - 4), label, 13, anchor="mb")
     for label, row in zip(row_labels, boxes):
         draw_text(img, (lay["row_label_x"], (row[0][1] + row[0][3]) // 2), label, 13, anchor="rm")
 
-
-# --- colours -------------------------------------------------------------------------------------------------
 
 def colormap(v, reverse: bool = False) -> np.ndarray:
     """Values in [0, 1] (any shape) → uint8 RGB [..., 3] of viridis (dark blue → yellow); reverse: the other way."""
@@ -107,30 +82,6 @@ def ink_on(rgb) -> tuple:
     return INK if 0.299 * r + 0.587 * g + 0.114 * b > 140 else WHITE
 
 
-# --- heat map ------------------------------------------------------------------------------------------------
-
-def heatmap_layout(values, row_labels, col_labels, title: str = "", subtitle: str = "", fmt="{:.1f}") -> dict:
-    """Where `heatmap` draws: {'size', 'cells': [[(x0, y0, x1, y1)]], 'bar', 'title_y', 'row_label_x'}."""
-    m, gap, label_size, value_size = 12, 8, 13, 14
-    texts = [fmt_value(v, fmt) for row in values for v in row]
-    cell_w = max([64] + [text_size(c, label_size)[0] + 14 for c in col_labels]
-                 + [text_size(t, value_size)[0] + 16 for t in texts])
-    cell_h = max(30, text_size("0", value_size)[1] + 12)
-    label_w = max([0] + [text_size(r, label_size)[0] for r in row_labels])
-    head = text_block([title], 17) if title else 0
-    head += text_block(subtitle.split("\n"), 12) if subtitle else 0
-    top = m + head + (6 if head else 0) + text_size("T", label_size)[1] + 6
-    x0 = m + label_w + gap
-    cells = [[(x0 + j * cell_w, top + i * cell_h, x0 + (j + 1) * cell_w, top + (i + 1) * cell_h)
-              for j in range(len(col_labels))] for i in range(len(row_labels))]
-    bar_x = x0 + len(col_labels) * cell_w + 12
-    bar = (bar_x, top, bar_x + 14, top + len(row_labels) * cell_h)
-    width = bar[2] + 6 + max(text_size(t, 11)[0] for t in texts + [fmt_value(100.0, fmt)]) + m  # bar labels
-    width = max(width, m + text_size(title, 17)[0] + m if title else 0,
-                *[m + text_size(s, 12)[0] + m for s in subtitle.split("\n") if subtitle])
-    return dict(size=(width, bar[3] + m), cells=cells, bar=bar, title_y=m, row_label_x=m + label_w)
-
-
 def fmt_value(v, fmt) -> str:
     """A cell's text: fmt (a format string or a function) of the value; None → 'n/a'."""
     if v is None:
@@ -141,19 +92,27 @@ def fmt_value(v, fmt) -> str:
 def heatmap(values, row_labels, col_labels, title: str = "", subtitle: str = "", fmt="{:.1f}", vmin=None,
             vmax=None, reverse: bool = False, with_layout: bool = False):
     """A matrix [rows][cols] (None = n/a) as coloured cells with their numbers, labelled rows and columns, a title,
-    a colour bar over vmin..vmax (default: the values'); reverse: the highest value darkest. → Image
-    (with_layout: and heatmap_layout)."""
-    lay = heatmap_layout(values, row_labels, col_labels, title, subtitle, fmt)
+    a colour bar over vmin..vmax (default: the values'); reverse: the highest value darkest → Image (with_layout: and
+    its grid_layout, with 'bar')."""
+    texts = [fmt_value(v, fmt) for row in values for v in row]
+    cell_w = max([64] + [text_size(c, 13)[0] + 14 for c in col_labels] + [text_size(t, 14)[0] + 16 for t in texts])
+    cell_h = max(30, text_size("0", 14)[1] + 12)
+    lay = grid_layout([cell_w] * len(col_labels), [cell_h] * len(row_labels), row_labels, col_labels, title, subtitle,
+                      gap=0)
+    (_, top, x1, _), bottom = lay["boxes"][0][-1], lay["boxes"][-1][0][3]
+    lay["bar"] = (x1 + 12, top, x1 + 26, bottom)
+    bar_labels = max(text_size(t, 11)[0] for t in texts + [fmt_value(100.0, fmt)])
+    lay["size"] = (max(lay["size"][0], x1 + 26 + 6 + bar_labels + 12), lay["size"][1])
     img = Image.new("RGB", lay["size"], WHITE)
     draw = ImageDraw.Draw(img)
-    draw_frame(img, lay, lay["cells"], title, subtitle, row_labels, col_labels)
+    draw_frame(img, lay, title, subtitle, row_labels, col_labels)
     known = [v for row in values for v in row if v is not None]
     lo = min(known) if vmin is None and known else (vmin if vmin is not None else 0.0)
     hi = max(known) if vmax is None and known else (vmax if vmax is not None else 1.0)
     span = (hi - lo) or 1.0
     for i in range(len(row_labels)):
         for j, v in enumerate(values[i]):
-            box = lay["cells"][i][j]
+            box = lay["boxes"][i][j]
             rgb = (235, 235, 235) if v is None else tuple(int(c) for c in colormap((v - lo) / span, reverse))
             draw.rectangle(box, fill=rgb, outline=WHITE, width=1)
             draw_text(img, ((box[0] + box[2]) // 2, (box[1] + box[3]) // 2), fmt_value(v, fmt), 14,
@@ -166,8 +125,6 @@ def heatmap(values, row_labels, col_labels, title: str = "", subtitle: str = "",
     return (img, lay) if with_layout else img
 
 
-# --- line plot -------------------------------------------------------------------------------------------------
-
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list:
     """About n round tick values in [lo, hi] (steps 1, 2, 2.5 or 5 × 10^k)."""
     raw = (hi - lo) / max(1, n)
@@ -175,10 +132,6 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list:
     step = next(s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw)
     first = math.ceil(lo / step - 1e-9) * step
     return [round(first + k * step, 10) for k in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-def tick_text(v: float) -> str:
-    return f"{v:g}"
 
 
 def clip_polyline(points: list, y0: float, y1: float) -> list:
@@ -225,16 +178,10 @@ def line_plot(series: list, title: str = "", xlabel: str = "", ylabel: str = "",
     ylim = ylim or (float(min(0, ys.min())), float(ys.max()) * 1.05)
     yticks, xticks = nice_ticks(*ylim), nice_ticks(*xlim)
     head = (text_block([title], 16) if title else 0) + (text_block(note.split("\n"), 11) if note else 0)
-    left = (10 + text_size("M", 13)[1] + 8 + max(text_size(tick_text(t), 12)[0] for t in yticks) + 10) * s
+    left = (10 + text_size("M", 13)[1] + 8 + max(text_size(f"{t:g}", 12)[0] for t in yticks) + 10) * s
     top, right = (12 + head + 10) * s, w - 16 * s
     bottom = h - (10 + 2 * text_size("M", 13)[1] + 14) * s
-    y = 12 * s
-    if title:
-        draw_text(img, (left, y), title, 16 * s)
-        y += text_block([title], 16) * s
-    for line in note.split("\n") if note else []:
-        draw_text(img, (left, y), line, 11 * s, GREY)
-        y += text_block([line], 11) * s
+    draw_title(img, left, 12 * s, title, note, (16, 11), s)
 
     def px(x, yv):
         return (left + (x - xlim[0]) / (xlim[1] - xlim[0]) * (right - left),
@@ -243,11 +190,11 @@ def line_plot(series: list, title: str = "", xlabel: str = "", ylabel: str = "",
     for t in yticks:  # grid, ticks, labels
         yy = px(xlim[0], t)[1]
         draw.line([(left, yy), (right, yy)], fill=(232, 232, 232), width=s)
-        draw_text(img, (left - 8 * s, yy), tick_text(t), 12 * s, GREY, anchor="rm")
+        draw_text(img, (left - 8 * s, yy), f"{t:g}", 12 * s, GREY, anchor="rm")
     for t in xticks:
         xx = px(t, ylim[0])[0]
         draw.line([(xx, bottom), (xx, bottom + 5 * s)], fill=GREY, width=s)
-        draw_text(img, (xx, bottom + 7 * s), tick_text(t), 12 * s, GREY, anchor="mt")
+        draw_text(img, (xx, bottom + 7 * s), f"{t:g}", 12 * s, GREY, anchor="mt")
     for d in series:
         color = d["color"]
         x, yv = np.asarray(d["x"], float), np.asarray(d["y"], float)
@@ -291,8 +238,7 @@ def draw_legend(img, shown, box, where, s):
     if not shown:
         return
     draw = ImageDraw.Draw(img)
-    size, pad, sample = 12 * s, 8 * s, 26 * s
-    line_h = text_size("M", 12)[1] * s + 4 * s
+    pad, sample, line_h = 8 * s, 26 * s, text_size("M", 12)[1] * s + 4 * s
     width = pad * 3 + sample + max(text_size(d["label"], 12)[0] for d in shown) * s
     height = pad * 2 + line_h * len(shown)
     left, top, right, bottom = box
@@ -302,29 +248,26 @@ def draw_legend(img, shown, box, where, s):
                                                else (top + bottom - height) // 2)
     draw.rectangle([x, y, x + width, y + height], fill=WHITE, outline=(200, 200, 200), width=s)
     for i, d in enumerate(shown):
-        color = d["color"]
-        yy = y + pad + i * line_h + line_h // 2
+        color, yy = d["color"], y + pad + i * line_h + line_h // 2
         if d.get("bars"):
             draw.rectangle([x + pad, yy - 5 * s, x + pad + sample, yy + 5 * s], fill=color)
         elif d.get("dash"):
             dashed(draw, [(x + pad, yy), (x + pad + sample, yy)], color, d.get("width", 2) * s, 7 * s, 4 * s)
         else:
             draw.line([(x + pad, yy), (x + pad + sample, yy)], fill=color, width=d.get("width", 2) * s)
-        draw_text(img, (x + pad * 2 + sample, yy), d["label"], size, anchor="lm")
+        draw_text(img, (x + pad * 2 + sample, yy), d["label"], 12 * s, anchor="lm")
 
-
-# --- labelled image grids ------------------------------------------------------------------------------------------
 
 def grid_layout(widths: list, heights: list, row_labels: list, col_labels: list, title: str = "",
                 subtitle: str = "", notes: bool = False, gap: int = 8) -> dict:
-    """Where `image_grid` draws: {'size', 'boxes': [[(x0, y0, x1, y1)]] (row, column), 'title_y', 'row_label_x',
-    'note_h'}."""
+    """Where `image_grid` (gap between pictures) and `heatmap` (gap 0) draw: {'size', 'boxes': [[(x0, y0, x1, y1)]]
+    (row, column), 'row_label_x'}."""
     m = 12
     label_w = max([0] + [text_size(r, 13)[0] for r in row_labels])
     head = (text_block([title], 17) if title else 0) + (text_block(subtitle.split("\n"), 12) if subtitle else 0)
     top = m + head + (6 if head else 0) + (text_size("T", 13)[1] + 6 if col_labels else 0)
     note_h = text_size("0", 12)[1] + 2 if notes else 0
-    x0 = m + (label_w + gap if label_w else 0)
+    x0 = m + (label_w + 8 if label_w else 0)
     xs = [x0 + sum(widths[:j]) + gap * j for j in range(len(widths))]
     ys = [top + sum(heights[:i]) + (gap + note_h) * i for i in range(len(heights))]
     boxes = [[(x, y, x + wj, y + hi) for x, wj in zip(xs, widths)] for y, hi in zip(ys, heights)]
@@ -332,11 +275,10 @@ def grid_layout(widths: list, heights: list, row_labels: list, col_labels: list,
                 *[m + text_size(s, 12)[0] + m for s in subtitle.split("\n") if subtitle],
                 *[x + (wj + text_size(c, 13)[0]) // 2 + m for x, wj, c in zip(xs, widths, col_labels)])
     height = (ys[-1] + heights[-1] + note_h if heights else top) + m
-    return dict(size=(width, height), boxes=boxes, title_y=m, row_label_x=m + label_w, note_h=note_h)
+    return dict(size=(width, height), boxes=boxes, row_label_x=m + label_w)
 
 
 def as_rgb(a) -> np.ndarray:
-    """uint8 [h, w] or [h, w, 3] → [h, w, 3]."""
     a = np.asarray(a)
     return np.repeat(a[..., None], 3, 2) if a.ndim == 2 else a
 
@@ -351,7 +293,7 @@ def image_grid(cells: list, row_labels: list, col_labels: list, title: str = "",
     heights = [max([as_rgb(c).shape[0] for c in r if c is not None] or [64]) for r in cells]
     lay = grid_layout(widths, heights, row_labels, col_labels, title, subtitle, notes is not None)
     img = Image.new("RGB", lay["size"], WHITE)
-    draw_frame(img, lay, lay["boxes"], title, subtitle, row_labels, col_labels)
+    draw_frame(img, lay, title, subtitle, row_labels, col_labels)
     for i, row in enumerate(cells):
         for j in range(n_cols):
             x0, y0, x1, y1 = lay["boxes"][i][j]
@@ -366,30 +308,18 @@ def image_grid(cells: list, row_labels: list, col_labels: list, title: str = "",
     return (img, lay) if with_layout else img
 
 
-def hstack(images: list, gap: int = 16, align: str = "top") -> Image.Image:
-    """Pictures side by side on white, their tops (or bottoms: align 'bottom') aligned."""
-    height = max(i.height for i in images)
-    out = Image.new("RGB", (sum(i.width for i in images) + gap * (len(images) - 1), height), WHITE)
-    x = 0
+def vstack(images: list, gap: int = 16, across: bool = False) -> Image.Image:
+    """Pictures one above the other, left edges aligned (across: side by side, bottoms aligned), on white."""
+    widths, heights, span = [i.width for i in images], [i.height for i in images], gap * (len(images) - 1)
+    size = (sum(widths) + span, max(heights)) if across else (max(widths), sum(heights) + span)
+    out, pos = Image.new("RGB", size, WHITE), 0
     for im in images:
-        out.paste(im, (x, 0 if align == "top" else height - im.height))
-        x += im.width + gap
-    return out
-
-
-def vstack(images: list, gap: int = 16) -> Image.Image:
-    """Pictures one above the other, left edges aligned, on white."""
-    out = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images) + gap * (len(images) - 1)),
-                    WHITE)
-    y = 0
-    for im in images:
-        out.paste(im, (0, y))
-        y += im.height + gap
+        out.paste(im, (pos, size[1] - im.height) if across else (0, pos))
+        pos += (im.width if across else im.height) + gap
     return out
 
 
 def upscale(a, k: int) -> np.ndarray:
-    """Each pixel as a k × k block (pixels stay visible)."""
     return np.asarray(a).repeat(k, 0).repeat(k, 1)
 
 

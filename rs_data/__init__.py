@@ -1,13 +1,11 @@
-"""Remote-sensing data for CoSMAE: every task is one uint8 array of RGB tiles [n, 3, S, S]: the synthetic default,
-or the paper's datasets (US3D, UAVid, Potsdam, TreeSatAI; UCMerced multi-label to evaluate) read from their official
-layouts (nothing is downloaded) into a memory-mapped tile cache of 256×256 patches; the paper's augmentation."""
+"""CoSMAE's data: each task is a uint8 array of RGB tiles [n, 3, S, S], synthetic or read from the paper's datasets'
+official layouts (US3D, UAVid, Potsdam, TreeSatAI; UCMerced to evaluate) into a memory-mapped tile cache."""
 from __future__ import annotations
 
 import errno
 import functools
 import hashlib
 import json
-import logging
 import logging.handlers
 import math
 import os
@@ -52,7 +50,6 @@ DATA_SEED = 0  # which patches and splits are drawn, the same in every run (--se
 
 
 # --- the built-in synthetic default -----------------------------------------------------------------------
-
 SYNTH_LABELS = ("building", "road", "tree", "water", "car")
 SYNTH_DOMAINS = {  # ground colour, sensor tint, object scale, P(element present) for SYNTH_LABELS
     "synth_city": dict(ground=(125, 120, 112), tint=(1.0, 1.0, 1.05), scale=0.8, p=(0.8, 0.7, 0.4, 0.3, 0.6)),
@@ -64,8 +61,7 @@ SYNTH_DOMAINS = {  # ground colour, sensor tint, object scale, P(element present
 
 def synth_image(rng: np.random.Generator, size: int, ground, tint, scale: float, p, jitter: float = 0.5,
                 noise: float = 6.0) -> tuple:
-    """One RS-like tile: ([size, size, 3] uint8, [5] 0/1 presence of SYNTH_LABELS). Every colour is moved by up
-    to ±jitter·255 per channel, so that colour alone does not tell the labels."""
+    """One RS-like tile → ([S, S, 3] uint8, [5] 0/1 SYNTH_LABELS); colours jittered ±jitter·255 per channel."""
     col = lambda c: np.clip(np.asarray(c, np.float32) + rng.uniform(-jitter, jitter, 3) * 255, 20, 235)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # [S, S] coordinates in [0, 1)
     f = rng.uniform(2, 6, 2)
@@ -113,17 +109,13 @@ def synth_image(rng: np.random.Generator, size: int, ground, tint, scale: float,
 
 
 SENSOR_NOISE = 140.0  # std of the sensors' noise, in grey levels
-SYNTH_TASKS = {  # the synthetic default: every region seen by four sensors in turn → the band that holds the scene
-    "synth_pan": None,  # panchromatic: the scene's brightness in all three bands, colour noise across them
-    "synth_red": 0,  # the scene in band 1 (red), noise in bands 2 and 3
-    "synth_green": 1,  # the scene in band 2 (green), noise in bands 1 and 3
-    "synth_blue": 2,  # the scene in band 3 (blue), noise in bands 1 and 2
-}
+# the synthetic default: the scenes seen by four sensors in turn → the band that holds the scene (None: all three)
+SYNTH_TASKS = {"synth_pan": None, "synth_red": 0, "synth_green": 1, "synth_blue": 2}
 
 
 def sense(brightness: np.ndarray, band, rng: np.random.Generator, noise: float = SENSOR_NOISE) -> np.ndarray:
-    """What a sensor records of scenes [n, S, S] (float, 0-255) → uint8 [n, 3, S, S]: the brightness in its band
-    and noise of std `noise` around grey in the others; band None: in all three, plus zero-mean colour noise."""
+    """Scenes [n, S, S] (0-255) → uint8 [n, 3, S, S]: brightness in `band`, grey + noise in the others (None: all
+    three bands, plus zero-mean colour noise)."""
     e = rng.normal(0, noise, (len(brightness), 3, *brightness.shape[1:])).astype(np.float32)
     if band is None:
         out = brightness[:, None] + (e - e.mean(1, keepdims=True)) * np.sqrt(1.5)
@@ -179,32 +171,32 @@ def tile_size(tasks: list, img_size: int) -> int:
 
 
 def evaluation_sets(tasks: list, size: int, ucmerced="", data_root="data", cache_dir="", treesat_resize=False) -> dict:
-    """main: the multi-label set (UCMerced or synthetic); own: each synthetic task's labelled set (matrix A);
-    held_out: each task's REC_TILES held-out tiles (Eq. (1), matrix R): synthetic 'test', or a real val split's."""
+    """main: the multi-label set; own: each synthetic task's own labelled set (matrix A); held_out: each task's
+    REC_TILES held-out tiles (matrix R): its own 'test', or a fixed subset of its val split."""
     synth = [t for t in tasks if t in SYNTH_TASKS]
     main = ucmerced_splits(ucmerced, cache_dir) if ucmerced else synthetic_eval_set(size, synth or None)
-    own = [synth_task_eval(t, size) if t in SYNTH_TASKS else None for t in tasks]
-    held_out = [o["test"][0][:REC_TILES] if o else subset(task_tiles(t, data_root, "val", cache_dir,
-                                                                     treesat_resize=treesat_resize), REC_TILES)
-                for t, o in zip(tasks, own)]
+    own, held_out = [synth_task_eval(t, size) if t in SYNTH_TASKS else None for t in tasks], []
+    for t, o in zip(tasks, own):
+        if o is not None:
+            held_out.append(o["test"][0][:REC_TILES])
+        else:  # a fixed random subset of the val split, in its stored order
+            tiles = task_tiles(t, data_root, "val", cache_dir, treesat_resize=treesat_resize)
+            pick = np.random.default_rng([DATA_SEED, 11]).permutation(len(tiles))[:REC_TILES]
+            held_out.append(np.asarray(tiles[np.sort(pick)]))
     return dict(main=main, own=own if all(own) else None, held_out=held_out)
 
 
-# --- real remote-sensing datasets: official layouts → one cached uint8 array per split --------------------
-# Every image is cut into non-overlapping 256×256 RGB patches (TreeSatAI: the centre 256×256), and the paper's
-# counts are drawn with a fixed seed.
+# --- real datasets: official layouts → non-overlapping 256×256 patches (TreeSatAI: the centre one) -----------
 REAL_TASKS = ("us3d", "uavid", "potsdam", "treesat")
 PAPER_COUNTS = {"us3d": (21081, 3072), "uavid": (24560, 8640), "potsdam": (15870, 1058), "treesat": (15000, 1000)}
 DATASETS = {  # folder names under --data-root, the files looked for, where to get the data
     "us3d": (("US3D", "us3d", "DFC2019", "dfc2019"), "JAX_*_RGB.tif (uint8, 3 bands) or JAX_*_MSI.tif (uint16, "
              "8 bands) 1024×1024 tiles; validation tiles in a folder whose name contains 'val'",
              "US3D / 2019 IEEE GRSS Data Fusion Contest track data (IEEE DataPort)"),
-    "uavid": (("UAVid", "uavid"), "uavid_train/seqN/Images/*.png and uavid_val/seqN/Images/*.png",
-              "UAVid (uavid.nl)"),
+    "uavid": (("UAVid", "uavid"), "uavid_train/seqN/Images/*.png and uavid_val/seqN/Images/*.png", "uavid.nl"),
     "potsdam": (("Potsdam", "potsdam", "ISPRS_Potsdam"), "4_Ortho_RGBIR/top_potsdam_*_RGBIR.tif (R,G,B,IR) or "
                 "2_Ortho_RGB/top_potsdam_*_RGB.tif, 6000×6000", "ISPRS 2D semantic labelling, Potsdam"),
-    "treesat": (("TreeSatAI", "treesat", "TreeSat"), "aerial/60m/*.tif, 304×304, 4 bands IR,G,B,R",
-                "TreeSatAI benchmark archive (Zenodo)"),
+    "treesat": (("TreeSatAI", "treesat", "TreeSat"), "aerial/60m/*.tif, 304×304, IR,G,B,R", "TreeSatAI (Zenodo)"),
 }
 PATCH = 256
 
@@ -224,7 +216,7 @@ def broken(path: Path, why: str) -> DataError:
 
 @contextmanager
 def image_errors(path: Path):
-    """Any error reading an image → one line naming it: the OS's reason, the missing TIFF codec, else broken()."""
+    """Any error reading an image → one line naming it: the OS's reason, the missing codec, else broken()."""
     try:
         yield
     except DataError:
@@ -239,8 +231,7 @@ def image_errors(path: Path):
 
 
 def read_tiff(path: Path, pixels: bool):
-    """A TIFF's first series: pixels, or (shape, dtype) from the header. Data past the end of the file, or an
-    ERROR that tifffile logs and goes on (a page it skips), is broken(): what tifffile returns is not the file."""
+    """A TIFF's pixels, or (shape, dtype) from its header; data past the end or an ERROR tifffile logs: broken."""
     import tifffile
     errors = logging.handlers.BufferingHandler(10_000)
     errors.setLevel(logging.ERROR)
@@ -261,12 +252,12 @@ def read_tiff(path: Path, pixels: bool):
 
 
 def check_bands(path: Path, shape: tuple, dtype, n_bands: int, bits: int):
-    """A TIFF of n_bands bands ([H, W, C] or [C, H, W]) of uint8 (bits 8) or uint16 (bits > 8), else a DataError."""
+    """n_bands bands ([H, W, C] or [C, H, W]) of uint8 (bits 8) or uint16, else a DataError."""
     if len(shape) != 3 or n_bands not in (shape[0], shape[-1]):
-        raise DataError(f"{path}: shape {tuple(shape)}, expected {n_bands} bands ([H, W, {n_bands}] or "
-                        f"[{n_bands}, H, W])")
-    if dtype != (np.uint8 if bits == 8 else np.uint16):
-        raise DataError(f"{path}: dtype {dtype}, expected {'uint8' if bits == 8 else 'uint16'}")
+        raise DataError(f"{path}: shape {tuple(shape)}, expected {n_bands} bands ([H, W, C] or [C, H, W])")
+    want = np.dtype(np.uint8 if bits == 8 else np.uint16)
+    if dtype != want:
+        raise DataError(f"{path}: dtype {dtype}, expected {want}")
 
 
 def image_size(path: Path, n_bands=None, bits=8) -> tuple:
@@ -295,8 +286,7 @@ def read_rgb(path: Path, bands=(0, 1, 2), n_bands=3, bits=8) -> np.ndarray:
 
 
 def read_png(path: Path) -> np.ndarray:
-    """uint8 [3, H, W]: 8 bits via Pillow's convert('RGB'); 16 bits as round(v · 255 / 65535) (Pillow keeps only
-    the high byte of 16-bit colour). Truncated: an error, even where LOAD_TRUNCATED_IMAGES was set."""
+    """uint8 [3, H, W]; 16 bits → round(v · 255 / 65535) (Pillow keeps the high byte); truncated: always an error."""
     from PIL import Image, ImageFile
     truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
@@ -368,8 +358,8 @@ def patch_grid(name: str, h: int, w: int, resized: bool = False) -> list:
 
 def task_tiles(name: str, data_root, split: str, cache_dir="", seed: int = DATA_SEED, log=None,
                treesat_resize: bool = False) -> np.ndarray:
-    """uint8 [N, 3, 256, 256] patches of one task split ('train' or 'val'), memory-mapped from the tile cache.
-    treesat_resize: TreeSatAI's 304×304 images resized to 256×256 instead of their centre 256×256 kept."""
+    """uint8 [N, 3, 256, 256] patches of split 'train' or 'val', memory-mapped from the tile cache; treesat_resize:
+    TreeSatAI's 304×304 images resized to 256×256 instead of cropped."""
     log = log or (lambda msg: print(msg, flush=True))
     if name not in DATASETS:
         raise DataError(f"unknown task {name!r}; known: {list(DATASETS)}")
@@ -395,20 +385,15 @@ def task_tiles(name: str, data_root, split: str, cache_dir="", seed: int = DATA_
 
 
 def resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [3, H, W] → [3, size, size], bilinear."""
+    """uint8 [3, H, W] → [3, size, size], bilinear (unchanged when it is that size)."""
+    if img.shape[1:] == (size, size):
+        return img
     from PIL import Image
     return np.asarray(Image.fromarray(img.transpose(1, 2, 0)).resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
 
 
-def subset(tiles, n: int, seed: int = DATA_SEED) -> np.ndarray:
-    """A fixed random subset of at most n tiles (in their stored order), read into memory."""
-    pick = np.sort(np.random.default_rng([seed, 11]).permutation(len(tiles))[:n])
-    return np.asarray(tiles[pick])
-
-
 def atomic_write(path: Path, write, todo: str = ""):
-    """write(`<name>.<pid>.<random>.tmp` beside it), then rename: never a half-written file nor a leftover
-    temporary one; two processes writing one file: the last rename wins whole. A full disk: disk_errors."""
+    """write(`<name>.<pid>.<random>.tmp`), then rename: never a half-written or leftover file; a full disk: one line."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -450,37 +435,33 @@ def out_of_space(e: BaseException, path: Path):
             return f"file size limit (ulimit -f) reached: {type(e).__name__}: {str(e)[:80]}"
     except (ImportError, OSError, ValueError):
         pass
-    folder = next((p for p in (path.parent, *path.parents) if p.exists()), None)
     try:
-        free = shutil.disk_usage(folder).free if folder else None
-    except OSError:
-        free = None
-    if free is not None and free < LOW_SPACE:
-        return f"{free >> 20} MB free after {type(e).__name__}: {str(e)[:80]}"
-    return None
+        free = shutil.disk_usage(next(p for p in (path.parent, *path.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        return None
+    return f"{free >> 20} MB free after {type(e).__name__}: {str(e)[:80]}" if free < LOW_SPACE else None
 
 
 # --- from raw tiles to model input: augmentation (paper §III-B), normalisation, batches ---------------------
-
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet statistics, as MAE
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 @functools.cache
 def mean_std(device: torch.device) -> tuple:
-    """MEAN and STD on `device`, copied once (a copy inside a training step would be a host sync)."""
+    """MEAN and STD on `device`, copied once (not a host sync in every step)."""
     return MEAN.to(device), STD.to(device)
 
 
 def to_device(a: np.ndarray, device) -> torch.Tensor:
-    """A host array on `device` without a host sync: through pinned memory, non-blocking, on a GPU."""
+    """A host array on `device`, through pinned memory and non-blocking on a GPU."""
     t = torch.from_numpy(np.ascontiguousarray(a))
     return (t.pin_memory() if torch.device(device).type == "cuda" else t).to(device, non_blocking=True)
 
 
 def augment(tiles: torch.Tensor, size: int, gen: torch.Generator | None) -> torch.Tensor:
-    """Random resized crop (area 0.8-1, aspect 3/4-4/3) + horizontal flip per sample (one affine_grid/grid_sample),
-    then normalisation; gen None: a plain resize (evaluation). uint8 [N, 3, S, S] → float [N, 3, size, size]."""
+    """uint8 [N, 3, S, S] → normalised float [N, 3, size, size]: a random resized crop (area 0.8-1, aspect 3/4-4/3)
+    and horizontal flip per sample; gen None: a plain resize (evaluation)."""
     x = tiles.float().div_(255)
     n = x.shape[0]
     if gen is None:
@@ -501,8 +482,8 @@ def augment(tiles: torch.Tensor, size: int, gen: torch.Generator | None) -> torc
 
 
 def batches(tiles, batch_size: int, rng: np.random.Generator, device, share=(0, 1)):
-    """One epoch of shuffled uint8 batches [B, 3, S, S] on `device` (drop_last), the next read ahead in a thread
-    (memory map → pinned memory); share (i, n): rows [i·B/n, (i+1)·B/n) of each batch (process i of n)."""
+    """One epoch of shuffled uint8 batches on `device` (drop_last), the next read ahead in a thread; share (i, n):
+    rows [i·B/n, (i+1)·B/n) of each batch (process i of n)."""
     from concurrent.futures import ThreadPoolExecutor
     order, pin, n = rng.permutation(len(tiles)), torch.device(device).type == "cuda", len(tiles) // batch_size
     rows = slice(share[0] * batch_size // share[1], (share[0] + 1) * batch_size // share[1])
@@ -519,10 +500,8 @@ def batches(tiles, batch_size: int, rng: np.random.Generator, device, share=(0, 
 
 
 # --- the tile cache: one uint8 .npy per split, memory-mapped --------------------------------------------------
-
 def cache_dirs(data_folder: Path, cache_dir: str = "") -> list:
-    """--cache-dir alone when given; else DATA/.cosmae_cache (a read-only dataset can ship one), then
-    $XDG_CACHE_HOME/cosmae (or ~/.cache/cosmae), one sub-folder per data folder."""
+    """--cache-dir alone when given; else DATA/.cosmae_cache, then $XDG_CACHE_HOME/cosmae/<data folder>-<hash>."""
     if cache_dir:
         return [Path(cache_dir)]
     key = hashlib.sha1(str(Path(data_folder).resolve()).encode()).hexdigest()[:12]
@@ -540,9 +519,8 @@ def writable(folder: Path) -> bool:
 
 
 def cached_tiles(dirs: list, key: str, root: Path, files: list, seed: int, select, read, log):
-    """`key.npy` [N, 3, 256, 256] and its manifest `key.json` (source files with sizes and mtimes, seed, shape).
-    A valid cache among `dirs` is used read-only, without a lock; else it is built in the first writable one
-    under the lock `key.lock` (a second process waits, then uses it), the manifest written last."""
+    """`key.npy` [N, 3, 256, 256] + manifest `key.json` (files, sizes, mtimes, seed, shape): a valid one in `dirs`
+    used without a lock, else built in the first writable one under `key.lock` (a second process waits)."""
     manifest = dict(version=1, seed=seed, files=[[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns]
                                                  for p in files])
     found = find_cache(dirs, key, manifest, log)
@@ -574,8 +552,7 @@ def cached_tiles(dirs: list, key: str, root: Path, files: list, seed: int, selec
 
 
 def find_cache(dirs: list, key: str, manifest: dict, log):
-    """The first cache of `key` among dirs with this manifest and a whole .npy of its shape (a manifest without
-    one: any uint8 [N >= 1, 3, 256, 256]), memory-mapped; else None (truncated or other: rebuilt)."""
+    """The first cache with this manifest and a whole uint8 .npy of its shape (none stored: any [N, 3, 256, 256])."""
     for d in dirs:
         npy = d / f"{key}.npy"
         try:
@@ -593,19 +570,10 @@ def find_cache(dirs: list, key: str, manifest: dict, log):
 
 @contextmanager
 def cache_lock(path: Path, log):
-    """An exclusive flock on `path` while the block runs (the OS drops it when a process dies); the file is
-    removed before release (a waiter then locks again, lock_file). Without flock the block runs unlocked."""
-    fd = lock_file(path, log) if fcntl is not None else None
-    try:
-        yield
-    finally:
-        if fd is not None:
-            path.unlink(missing_ok=True)
-            os.close(fd)
-
-
-def lock_file(path: Path, log):
-    while True:
+    """An exclusive flock on `path` while the block runs, the file removed before release (a waiter then locks
+    again); without flock (no fcntl, or a file system without it) the block runs unlocked."""
+    fd = None
+    while fcntl is not None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             try:
@@ -614,21 +582,27 @@ def lock_file(path: Path, log):
                 log(f"{path.name}: waiting for another process that builds this tile cache ({path})")
                 fcntl.flock(fd, fcntl.LOCK_EX)
             if os.path.samestat(os.stat(path), os.fstat(fd)):
-                return fd
+                break
         except FileNotFoundError:
             pass  # removed by the process that held it: lock again
         except OSError as e:
             os.close(fd)
+            fd = None
             if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 path.unlink(missing_ok=True)  # flock not supported on this file system: unlocked
-                return None
+                break
             raise
         os.close(fd)  # the file was removed (and maybe made again) by the process that held it: lock again
+    try:
+        yield
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)
+            os.close(fd)
 
 
 def fill_cache(path: Path, cells: list, files: list, read, key: str, log):
-    """The patches `cells` [(file index, row, col)] into a new .npy at `path`, one image read at a time, its disk
-    blocks allocated first (a full disk: an OSError at once, not a SIGBUS in a write to the map)."""
+    """Patches `cells` [(file, row, col)] into a new .npy, its blocks allocated first (a full disk: not a SIGBUS)."""
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(cells), 3, PATCH, PATCH))
     with open(path, "r+b") as f:
         try:  # not on macOS, nor on every file system: there the writes into the map allocate
@@ -644,8 +618,7 @@ def fill_cache(path: Path, cells: list, files: list, read, key: str, log):
             for n, r, c in group:
                 patch = img[:, r:r + PATCH, c:c + PATCH]
                 if patch.shape != (3, PATCH, PATCH):  # fewer pixels than the header said
-                    raise broken(files[i], f"{img.shape[1]}×{img.shape[2]} pixels, no patch at row {r}, column {c} "
-                                           "that its header promised")
+                    raise broken(files[i], f"{img.shape[1]}×{img.shape[2]} pixels, fewer than its header said")
                 out[n] = patch
             if done % 50 == 0 or done == len(by_file):
                 rate = done / (time.time() - t0)
@@ -653,47 +626,39 @@ def fill_cache(path: Path, cells: list, files: list, read, key: str, log):
                     f"ETA {(len(by_file) - done) / rate:.0f} s")
         out.flush()
         os.fsync(f.fileno())
-# --- UCMerced multi-label (the evaluation set of the paper) --------------------------------------------
 
+
+# --- UCMerced multi-label (the evaluation set of the paper) --------------------------------------------
 MLKNN_K = 10  # ML-kNN's k (eval_mlknn.K, the paper's): the training split must hold more images than this
 
 
 def ucmerced_splits(folder, cache_dir="", seed: int = DATA_SEED, log=None, k: int = MLKNN_K) -> dict:
-    """UCMerced multi-label: `Images/<class>/<class>NN.tif` and `LandUse_Multilabeled.txt` (Chaudhuri et al. 2018)
-    → {'train', 'val', 'test': (uint8 [n, 3, 256, 256], uint8 [n, 17]), 'labels': names}, 1000/300/800 of 2100
-    images drawn with `seed`; the 44 images that are not 256×256 resized (bilinear)."""
+    """UCMerced multi-label → {'train', 'val', 'test': (uint8 [n, 3, 256, 256], uint8 [n, 17]), 'labels'}:
+    1000/300/800 of every 2100 images, drawn with `seed`; images that are not 256×256 resized."""
     folder, log = Path(folder), log or (lambda msg: print(msg, flush=True))
     found = sorted(folder.glob("LandUse_Multilabeled.txt")) + sorted(folder.glob("*/LandUse_Multilabeled.txt"))
     if not (folder / "Images").is_dir() or not found:
-        raise DataError(f"{folder}: expected Images/<class>/<class>NN.tif and LandUse_Multilabeled.txt "
-                        "(UC Merced Land Use images from UC Merced, multi-labels of Chaudhuri et al. 2018)")
+        raise DataError(f"{folder}: expected Images/<class>/<class>NN.tif and LandUse_Multilabeled.txt (UC Merced "
+                        "Land Use images, multi-labels of Chaudhuri et al. 2018)")
     names, rows, y = read_label_file(found[0])
     n_train, n_val = round(len(rows) * 1000 / 2100), round(len(rows) * 300 / 2100)
     if n_train <= k:  # ML-kNN finds k neighbours of each image among the others
         need = next(n for n in range(len(rows), 10 ** 6) if round(n * 1000 / 2100) > k)
-        raise DataError(f"{found[0]}: {len(rows)} images, so the training split holds {n_train} (1000 of every 2100); "
-                        f"ML-kNN with k = {k} neighbours needs more than {k} training images: list at least {need} "
-                        "images")
+        raise DataError(f"{found[0]}: {len(rows)} images, so {n_train} to train on (1000 of every 2100); ML-kNN with "
+                        f"k = {k} needs more than {k}: list at least {need} images")
     files = [folder / "Images" / r.rstrip("0123456789") / f"{r}.tif" for r in rows]
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
         raise DataError(f"{len(missing)} images listed in {found[0]} are missing, e.g. {missing[0]}")
-
-    def read(path):
-        img = read_rgb(path)
-        return resize_rgb(img, PATCH) if img.shape[1:] != (PATCH, PATCH) else img  # the cache holds 256×256
-
     x = cached_tiles(cache_dirs(folder, cache_dir), "ucmerced", folder, files, 0,
-                     lambda: [(i, 0, 0) for i in range(len(files))], read, log)
+                     lambda: [(i, 0, 0) for i in range(len(files))], lambda p: resize_rgb(read_rgb(p), PATCH), log)
     order = np.random.default_rng([seed, 2100]).permutation(len(files))
     parts = dict(train=order[:n_train], val=order[n_train:n_train + n_val], test=order[n_train + n_val:])
     return {**{k: (np.asarray(x[np.sort(v)]), y[np.sort(v)]) for k, v in parts.items()}, "labels": names}
 
 
 def read_label_file(path: Path) -> tuple:
-    """LandUse_Multilabeled.txt (tab-separated, header `IMAGE\\LABEL` + names, one 0/1 row per image; trailing
-    tabs dropped) → (label names, image names, uint8 [n, Q]); a bad row, an image listed twice or a file of
-    zeros only is a DataError naming the line(s)."""
+    """LandUse_Multilabeled.txt (tab-separated, trailing tabs dropped) → (label names, image names, uint8 [n, Q])."""
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:

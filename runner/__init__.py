@@ -1,7 +1,5 @@
-"""What a long run needs around the method (cosmae.py stays the paper): the command line built from a Config and
-checked (one line, exit 2); the run folder (--out: config.json, metrics.jsonl, summary.json, task<t>_<name>.pt, last.pt;
-one process per folder); exact resume by rerunning the command; stops (Ctrl-C: exit 130, non-finite values, a full
-disk); multi-GPU (torchrun + DDP). cosmae.train calls a Run's hooks; eval_mlknn.py plugs in as a callback."""
+"""Around the method: the checked command line (one line, exit 2), the run folder (--out, one process each), exact
+resume by rerunning, stops (Ctrl-C: 130, non-finite values, full disk), torchrun + DDP; cosmae.train calls a Run."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 import rs_data
@@ -31,13 +30,7 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 
-def training_settings(cfg) -> dict:
-    """The settings that decide what is trained (fields not marked training=False): compared on resume."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("training", True)}
-
-
 def autocast(device, amp: bool):
-    """bf16 autocast on CUDA when amp (no loss scaler needed), nothing otherwise."""
     on = amp and torch.device(device).type == "cuda"
     return torch.autocast("cuda", torch.bfloat16) if on else contextlib.nullcontext()
 
@@ -58,8 +51,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cli(fn, *args, interrupted: str = "interrupted"):
-    """fn(*args) for a command: DataError → `error: <one line>`, exit 2; Ctrl-C → its message (a Run's says where
-    the run stopped) or `interrupted`, exit 130."""
+    """fn(*args): DataError → `error: <one line>`, exit 2; Ctrl-C → its message or `interrupted`, exit 130."""
     try:
         return fn(*args)
     except DataError as e:
@@ -70,9 +62,7 @@ def cli(fn, *args, interrupted: str = "interrupted"):
         sys.exit(130)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (what is wrong and where to look), not the whole usage text."""
-
+class ArgumentParser(argparse.ArgumentParser):  # a one-line error, not the whole usage text
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
@@ -102,8 +92,7 @@ def parse_args(config_cls, argv=None):
 
 
 def check_flags(cfg):
-    """Every flag against its field's metadata (finite; ge, gt, le; check=(holds(value, cfg), allowed)): a DataError
-    naming the flag, its value and what is allowed."""
+    """Every flag against its metadata (finite; ge, gt, le; check=(holds(value, cfg), allowed)), else a DataError."""
     for f in dataclasses.fields(cfg):
         v, m = getattr(cfg, f.name), f.metadata
         values = v if isinstance(v, list) else [v]
@@ -133,16 +122,14 @@ def seed_runs(cfg):
     teardown_distributed()
 
 
-# --- multi-GPU (the identity in one process): `torchrun --nproc_per_node=W cosmae.py ...`; each process trains on
-# B/W rows of every batch with its own crops, masks and buffer draws (seeded with its rank, as MAE's code); Eq. (4)
-# runs over the features of all processes (gather). Only process 0 writes files and evaluates.
+# --- multi-GPU: `torchrun --nproc_per_node=W cosmae.py ...`; each process trains on B/W rows of every batch, seeded
+# with its rank (as MAE's code); Eq. (4) runs over all processes' features (gather); process 0 writes and evaluates.
 DIST = dict(rank=0, world=1)
 
 
 def setup_distributed(cfg):
     if "RANK" not in os.environ:
         return
-    import torch.distributed as dist
     cuda = cfg.device.startswith("cuda")
     dist.init_process_group("nccl" if cuda else "gloo")
     DIST.update(rank=dist.get_rank(), world=dist.get_world_size())
@@ -156,7 +143,6 @@ def setup_distributed(cfg):
 def teardown_distributed():
     """Wait for every process, then close the group (closing it while one is in a collective can abort)."""
     if DIST["world"] > 1:
-        import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
 
@@ -172,7 +158,6 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 def all_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over the processes (logging, EWC's Fisher)."""
     if DIST["world"] > 1:
-        import torch.distributed as dist
         x = x.clone()
         dist.all_reduce(x)
         x /= DIST["world"]
@@ -204,8 +189,7 @@ def load_weights(model: nn.Module, sd, what: str, fix: str, strict: bool = True)
 
 
 def load_init(model: nn.Module, path: str, what: str = "--init"):
-    """The weights of an MAE checkpoint (this project's, or facebookresearch/mae's mae_pretrain_vit_base.pth) into
-    `model`; those it does not hold (e.g. the decoder) stay at their initialisation."""
+    """An MAE checkpoint's weights (ours, or MAE's mae_pretrain_vit_base.pth); those it lacks stay at their init."""
     fix = f"check the {what} path (an MAE or encoder checkpoint of the same --model)"
     sd = load_checkpoint(path, fix)
     sd = sd.get("model", sd.get("encoder", sd))
@@ -232,6 +216,7 @@ def finished_tasks(out, tasks: list) -> list:
 
 
 TODO = "delete it (and rerun) or use another --out"  # what to do about a bad file of a run folder
+STOPPED = "every checkpoint so far is finite and kept; lower --lr (or check the data) and rerun with another --out"
 
 
 class Run(contextlib.AbstractContextManager):
@@ -240,7 +225,8 @@ class Run(contextlib.AbstractContextManager):
     def __init__(self, cfg, method=None, callbacks=()):
         self.cfg, self.out, self.method, self.callbacks = cfg, Path(cfg.out), method, list(callbacks)
         self.rank, self.main, self.at = DIST["rank"], DIST["rank"] == 0, None
-        self.settings, self.lock, self.created = training_settings(cfg), None, False
+        self.lock, self.created = None, False  # settings: those that decide what is trained, compared on resume
+        self.settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("training", 1)}
         try:
             if self.main:
                 self.open_folder()
@@ -265,16 +251,14 @@ class Run(contextlib.AbstractContextManager):
             self.out.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise DataError(f"--out {self.out} cannot be created or written ({e.strerror}); name a folder you can "
-                            "write to") from None
+            raise DataError(f"--out {self.out} cannot be created or written ({e.strerror}); name another") from None
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 holder = os.pread(fd, 500, 0).decode(errors="replace").strip() or "another process"
                 os.close(fd)
-                raise DataError(f"--out {self.out} is in use by {holder}: one process per run folder; wait for it to "
-                                "end or use another --out") from None
+                raise DataError(f"--out {self.out} is in use by {holder}; wait for it or use another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M')} "
                       f"({' '.join(sys.argv[:1] + sys.argv[1:6])})".encode(), 0)
@@ -283,8 +267,7 @@ class Run(contextlib.AbstractContextManager):
     def __exit__(self, kind, error, tb):
         """Unlock; a start that failed before config.json leaves no folder behind; Ctrl-C learns where it stopped."""
         if kind is KeyboardInterrupt and not error.args:
-            error.args = (f"interrupted {self.where}. Finished tasks and the last mid-task checkpoint (every "
-                          "--save-every epochs) are kept: rerun the same command to resume.",)
+            error.args = (f"interrupted {self.where}: finished tasks, last.pt kept; rerun the same command to resume",)
         if self.lock is not None:
             if kind is not None and self.created and not (self.out / "config.json").exists():
                 shutil.rmtree(self.out, ignore_errors=True)
@@ -304,8 +287,7 @@ class Run(contextlib.AbstractContextManager):
                             "or the same flags to resume it")
 
     def verified_tasks(self) -> list:
-        """[(t, name, path, lineage, seconds)] of the finished tasks 1, 2, ..., each checked (task, settings, lineage
-        = ids of tasks 1..t). Task files after a missing one are set aside; other *.pt files are ignored, named."""
+        """[(t, name, path, lineage, seconds)] of tasks 1, 2, ..., checked; later task files set aside, others named."""
         found, lineage = [], []
         for t, name, path in finished_tasks(self.out, self.cfg.tasks):
             fix = "move it out of the run folder (that task is then trained again) or use another --out"
@@ -334,9 +316,8 @@ class Run(contextlib.AbstractContextManager):
     def save(self, path: Path, model: nn.Module, **state):
         """A checkpoint of finite weights only: non-finite ones stop the run and keep the last good files."""
         if not torch.stack([torch.isfinite(p.detach()).all() for p in model.parameters()]).all():
-            raise DataError(f"the weights became non-finite (NaN/inf) {self.where}: stopped without saving them; every "
-                            "checkpoint written so far is finite and kept. Lower --lr (or check the data) and start "
-                            "again with another --out")
+            raise DataError(f"the weights became non-finite (NaN/inf) {self.where}: stopped without saving them; "
+                            + STOPPED)
         if self.main:
             obj = dict(model=model.state_dict(), settings=self.settings, **state)
             atomic_write(path, lambda tmp: torch.save(obj, tmp))  # a full disk: one line (rs_data.disk_errors)
@@ -349,8 +330,7 @@ class Run(contextlib.AbstractContextManager):
         return f"in task {t} ({self.cfg.tasks[t - 1]}), epoch {epoch + 1}, step {step + 1}"
 
     def start(self, data: dict, model, projector, buffer):
-        """Every input checked (task sizes, the checkpoints' weights, --init, the callbacks' data), then config.json
-        is written (the run exists from now on) and the callbacks start."""
+        """Every input checked (task sizes, checkpoints, --init, callbacks), then config.json written."""
         for name, tiles in data.items():
             if len(tiles) < self.cfg.batch_size:
                 raise DataError(f"task {name}: {len(tiles)} images, less than one batch (--batch-size "
@@ -408,14 +388,11 @@ class Run(contextlib.AbstractContextManager):
 
     def batches(self, tiles, batch_size: int, rng):
         """One epoch of raw uint8 batches on the device (this process's rows); the wait for each goes to the meter."""
-        it = rs_data.batches(tiles, batch_size, rng, self.cfg.device, (self.rank, DIST["world"]))
-        while True:
-            t0 = time.perf_counter()
-            raw = next(it, None)
+        t0 = time.perf_counter()
+        for raw in rs_data.batches(tiles, batch_size, rng, self.cfg.device, (self.rank, DIST["world"])):
             self.wait += time.perf_counter() - t0
-            if raw is None:
-                return
             yield raw
+            t0 = time.perf_counter()
 
     def wrap(self, module: nn.Module) -> nn.Module:
         """--compile: the module compiled in place (its forward); under torchrun a trained module in DDP."""
@@ -427,9 +404,8 @@ class Run(contextlib.AbstractContextManager):
         return nn.parallel.DistributedDataParallel(module, device_ids=[dev] if dev.type == "cuda" else None)
 
     def step_end(self, t, epoch, step, n_img, losses, lam1, lam2, lr):
-        """Every --log-every steps a progress line and a metrics.jsonl record (with data_wait: the share of the time
-        the loop waited for batches). Losses stay on the device in between; a non-finite one stops the run; the
-        running sums go into last.pt, so a record after a mid-task resume covers the same steps."""
+        """Every --log-every steps a progress line and a metrics.jsonl record (data_wait: share of time waiting for
+        batches); sums stay on the device in between and go into last.pt (a resumed record covers the same steps)."""
         vals = torch.stack([v.detach().float() for v in losses])
         self.sums = vals if self.sums is None else self.sums + vals
         self.n, self.imgs, self.at = self.n + 1, self.imgs + n_img, (t, epoch, step)
@@ -437,9 +413,8 @@ class Run(contextlib.AbstractContextManager):
             return
         total, rec, mim = (all_mean(self.sums) / self.n).tolist()  # every process joins the all-reduce
         if not all(map(math.isfinite, (total, rec, mim))):
-            raise DataError(f"non-finite loss (total {total}, rec {rec}, mim {mim}) {self.where}: stopped; every "
-                            "checkpoint written so far is finite and kept. Lower --lr (or check the data) and start "
-                            "again with another --out")
+            raise DataError(f"non-finite loss (total {total}, rec {rec}, mim {mim}) {self.where}: stopped; "
+                            + STOPPED)
         seconds = max(time.perf_counter() - self.t_log, 1e-9)
         rate, wait = self.imgs * DIST["world"] / seconds, self.wait / seconds
         self.sums, self.n, self.imgs, self.wait, self.t_log = None, 0, 0, 0.0, time.perf_counter()

@@ -106,7 +106,8 @@ def write_packbits_tiled(path, img):
     if not had:
         tt.imagecodecs.packbits_encode = packbits_encode
     try:
-        tifffile.imwrite(path, img, tile=(256, 256), compression="packbits", photometric="minisblack")
+        tifffile.imwrite(path, img, tile=(256, 256), compression="packbits", photometric="minisblack",
+                         planarconfig="contig")
     finally:
         if not had:
             del tt.imagecodecs.packbits_encode

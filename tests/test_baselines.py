@@ -109,19 +109,19 @@ def test_ewc_penalty_zero_at_anchor_and_grows_with_distance(tmp_path):
     assert math.isclose(values[-1], float(want.detach()), rel_tol=1e-5)  # λ/2 · Σ F (θ − θ*)²
 
 
-def test_pfr_loss_zero_for_identity_projector_and_equal_encoders():
+def test_pfr_loss_zero_for_identity_projector_and_equal_encoders(tmp_path):
     student, x, g = tiny_model(), torch.randn(4, 3, 32, 32), torch.nn.Identity()
+    pfr, latent = baselines.PFR(tiny_cfg(tmp_path, method="pfr")), student.forward_encoder(x, 0.0)[0]
     same = {k: v.clone() for k, v in student.state_dict().items() if cosmae.is_encoder_key(k)}
-    teacher = cosmae.MixupTeacher(student, same)
-    teacher.rebuild(0.0)  # PFR's teacher: e_{t−1}
-    assert abs(baselines.pfr_loss(g(student.encode(x)), teacher(x)).item()) < 1e-6
-    other = {k: v + 0.1 * torch.randn_like(v) for k, v in same.items()}
-    teacher = cosmae.MixupTeacher(student, other)
-    teacher.rebuild(0.0)
-    assert baselines.pfr_loss(g(student.encode(x)), teacher(x)).item() > 1e-3
-    p, z = torch.randn(5, 7), torch.randn(5, 7)  # 1 − mean cosine, by hand
+    pfr.start_task(2, student, same)  # PFR's teacher: e_{t−1}
+    assert abs(pfr.term(student, g, x, latent, None, None).item()) < 1e-6
+    pfr.start_task(2, student, {k: v + 0.1 * torch.randn_like(v) for k, v in same.items()})
+    assert pfr.term(student, g, x, latent, None, None).item() > 1e-3
+    p, z = torch.randn(5, 7), torch.randn(5, 7)  # 1 − mean cosine, by hand (p: the mean of the patch tokens)
+    pfr.old = lambda x: z
     want = 1 - np.mean([float(p[i] @ z[i] / (p[i].norm() * z[i].norm())) for i in range(5)])
-    assert math.isclose(baselines.pfr_loss(p, z).item(), want, rel_tol=1e-5)
+    got = pfr.term(student, g, x, torch.stack([torch.zeros(5, 7), p], 1), None, None).item()
+    assert math.isclose(got, want, rel_tol=1e-5)
 
 
 def test_lump_reservoir_keeps_a_uniform_sample_of_the_stream():
@@ -134,8 +134,8 @@ def test_lump_reservoir_keeps_a_uniform_sample_of_the_stream():
         lump, rng = baselines.LUMP(cfg), np.random.default_rng(rep)
         for i in range(0, 500, 10):
             ids = np.arange(i, i + 10)
-            lump.add(torch.from_numpy(np.stack([ids // 256, ids % 256, ids * 0], 1).astype(np.uint8)).view(10, 3, 1, 1),
-                     rng)
+            raw = torch.from_numpy(np.stack([ids // 256, ids % 256, ids * 0], 1).astype(np.uint8)).view(10, 3, 1, 1)
+            lump.after_step(raw, rng)
         got = lump.tiles[:, 0, 0, 0].long() * 256 + lump.tiles[:, 1, 0, 0].long()
         assert lump.seen == 500 and len(set(got.tolist())) == 50
         kept[got.numpy()] += 1

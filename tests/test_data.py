@@ -3,7 +3,7 @@ import json
 import multiprocessing
 import os
 import re
-import resource
+import shutil
 import struct
 import threading
 import time
@@ -12,55 +12,59 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 import cosmae
 import eval_mlknn
 import rs_data
 import runner
-from cosmae import MAE, MODELS, Config, ReplayBuffer, mim_loss, mix_batch
+from cosmae import MODELS, Config
 from rs_data import DataError
-from conftest import QUIET, bands_image, make_datasets, make_ucmerced, tiny_cfg, train, ucm
+from conftest import QUIET, bands_image, make_datasets, make_ucmerced, tiny_cfg, ucm
+from _children import build_under_limit, potsdam_train, run, slow_build, write_many, write_under_limit
 
 import tifffile  # noqa: E402
 
 from PIL import Image, ImageFile  # noqa: E402
 
 
-def test_us3d_msi_bands_4_2_1_scaled_from_11_bit_and_official_splits(tmp_path):
-    make_datasets(tmp_path / "d")
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    """The four fake datasets (conftest.make_datasets), made once: read them only. Their default tile cache
+    (DATA/.cosmae_cache) is shared: Potsdam's PackBits tiles are decoded once."""
+    root = tmp_path_factory.mktemp("datasets") / "d"
+    make_datasets(root)
+    return root
+
+
+def test_us3d_msi_bands_4_2_1_scaled_from_11_bit_and_official_splits(tmp_path, datasets):
     logs = []
-    train = rs_data.task_tiles("us3d", tmp_path / "d", "train", tmp_path / "c", log=logs.append)
-    val = rs_data.task_tiles("us3d", tmp_path / "d", "val", tmp_path / "c", log=logs.append)
+    train = rs_data.task_tiles("us3d", datasets, "train", tmp_path / "c", log=logs.append)
+    val = rs_data.task_tiles("us3d", datasets, "val", tmp_path / "c", log=logs.append)
     assert train.shape == (8, 3, 256, 256) and val.shape == (4, 3, 256, 256) and train.dtype == np.uint8
     want = [round(v * 255 / 2047) for v in (500, 300, 200)]  # bands 4, 2, 1 (0-based) hold 500, 300, 200
     assert [int(train[0, c, 5, 5]) for c in range(3)] == want and (train == train[:1, :, :1, :1]).all()
     assert any("8 patches found, the paper uses 21081" in m for m in logs)
 
 
-def test_potsdam_packbits_tiles_rgb_order_and_split_by_whole_images(tmp_path):
-    make_datasets(tmp_path / "d")
-    train = rs_data.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
-    val = rs_data.task_tiles("potsdam", tmp_path / "d", "val", tmp_path / "c", log=lambda m: None)
+def test_potsdam_packbits_tiles_rgb_order_and_split_by_whole_images(datasets):
+    train = rs_data.task_tiles("potsdam", datasets, "train", **QUIET)  # cached in DATA/.cosmae_cache
+    val = rs_data.task_tiles("potsdam", datasets, "val", **QUIET)
     assert train.shape == (12, 3, 256, 256) and val.shape == (6, 3, 256, 256)  # 2 + 1 images of 2×3 patches
     assert (train[:, 0] == 10).all() and (train[:, 1] == 20).all() and (train[:, 2] == 30).all()  # IR dropped
 
 
-def test_treesat_name_with_dots_centre_crop_and_ir_g_b_r_order(tmp_path):
-    make_datasets(tmp_path / "d")
-    train = rs_data.task_tiles("treesat", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
-    val = rs_data.task_tiles("treesat", tmp_path / "d", "val", tmp_path / "c", log=lambda m: None)
+def test_treesat_name_with_dots_centre_crop_and_ir_g_b_r_order(tmp_path, datasets):
+    train = rs_data.task_tiles("treesat", datasets, "train", tmp_path / "c", **QUIET)
+    val = rs_data.task_tiles("treesat", datasets, "val", tmp_path / "c", **QUIET)
     assert len(train) == 2 and len(val) == 1 and train.shape[1:] == (3, 256, 256)
     assert [int(train[0, c, 0, 0]) for c in range(3)] == [4, 2, 3]  # bands IR,G,B,R = 1,2,3,4 → R,G,B
-    files = rs_data.split_files("treesat", tmp_path / "d" / "TreeSatAI", 0)["files"]
+    files = rs_data.split_files("treesat", datasets / "TreeSatAI", 0)["files"]
     assert any(p.name == "Picea_abies_3_46_2.5_WEFL.tif" for p in files)
 
 
-def test_uavid_png_patch_counts(tmp_path):
-    make_datasets(tmp_path / "d")
-    train = rs_data.task_tiles("uavid", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
-    val = rs_data.task_tiles("uavid", tmp_path / "d", "val", tmp_path / "c", log=lambda m: None)
+def test_uavid_png_patch_counts(tmp_path, datasets):
+    train = rs_data.task_tiles("uavid", datasets, "train", tmp_path / "c", **QUIET)
+    val = rs_data.task_tiles("uavid", datasets, "val", tmp_path / "c", **QUIET)
     assert train.shape == (12, 3, 256, 256) and val.shape == (6, 3, 256, 256) and (train == 77).all()
 
 
@@ -107,31 +111,27 @@ def test_data_errors_missing_empty_corrupt_unknown(tmp_path, capsys):
 
 
 def test_cache_reused_rebuilt_on_change_and_partial_files_not_trusted(tmp_path, monkeypatch):
-    make_datasets(tmp_path / "d")
-    first = np.array(rs_data.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None))
+    make_potsdam(tmp_path / "d")
+    first = np.array(potsdam_train(tmp_path / "d", tmp_path / "c"))
     real = rs_data.read_rgb
     monkeypatch.setattr(rs_data, "read_rgb", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
-    again = rs_data.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
-    assert np.array_equal(first, again)  # served from the cache without reading an image
+    assert np.array_equal(first, potsdam_train(tmp_path / "d", tmp_path / "c"))  # from the cache, no image read
     monkeypatch.setattr(rs_data, "read_rgb", real)
     for src in (tmp_path / "d" / "Potsdam" / "4_Ortho_RGBIR").glob("*.tif"):  # the folder changed
-        tifffile.imwrite(src, bands_image([11, 21, 31, 40], 512, 768, np.uint8))
-    rebuilt = np.array(rs_data.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None))
+        tifffile.imwrite(src, bands_image([11, 21, 31, 40], 256, 512, np.uint8))
+    rebuilt = np.array(potsdam_train(tmp_path / "d", tmp_path / "c"))
     assert rebuilt.shape == first.shape and (rebuilt[:, 0] == 11).all()
     (tmp_path / "c" / "potsdam_train.json").unlink()  # as if a build died before writing its manifest
     (tmp_path / "c" / "potsdam_train.tmp.npy").write_bytes(b"half")
-    calls = []
-    monkeypatch.setattr(rs_data, "read_rgb", lambda *a, **k: calls.append(1) or real(*a, **k))
-    assert np.array_equal(rs_data.task_tiles("potsdam", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None), rebuilt)
-    assert calls  # rebuilt from the images
+    calls = count_reads(monkeypatch)
+    assert np.array_equal(potsdam_train(tmp_path / "d", tmp_path / "c"), rebuilt) and calls  # rebuilt
 
 
-def test_split_is_deterministic_under_a_seed(tmp_path):
-    make_datasets(tmp_path / "d")
+def test_split_is_deterministic_under_a_seed(datasets):
     for name in ("potsdam", "treesat", "us3d"):
-        a, b = (rs_data.split_files(name, rs_data.find_dataset(name, tmp_path / "d"), 0) for _ in range(2))
+        a, b = (rs_data.split_files(name, rs_data.find_dataset(name, datasets), 0) for _ in range(2))
         assert a["train"] == b["train"] and a["val"] == b["val"]
-    vals = {tuple(rs_data.split_files("potsdam", tmp_path / "d" / "Potsdam", s)["val"]) for s in range(6)}
+    vals = {tuple(rs_data.split_files("potsdam", datasets / "Potsdam", s)["val"]) for s in range(6)}
     assert len(vals) > 1  # another seed, another validation image
 
 
@@ -147,11 +147,10 @@ def test_ucmerced_labels_crlf_resize_and_split_sizes(tmp_path):
         assert lab[int(np.argmax(img.reshape(3, -1).mean(1)))] == 1
 
 
-def test_end_to_end_four_fake_datasets_with_evaluation_on_fake_ucmerced(tmp_path, capsys):
-    make_datasets(tmp_path / "d")
+def test_end_to_end_four_fake_datasets_with_evaluation_on_fake_ucmerced(tmp_path, capsys, datasets):
     make_ucmerced(tmp_path / "UCMerced_LandUse")
     ucm = str(tmp_path / "UCMerced_LandUse")
-    cosmae.main(["--tasks", "us3d", "uavid", "potsdam", "treesat", "--data-root", str(tmp_path / "d"),
+    cosmae.main(["--tasks", "us3d", "uavid", "potsdam", "treesat", "--data-root", str(datasets),
                  "--ucmerced", ucm, "--model", "vit_test", "--epochs", "1", "--batch-size", "2",
                  "--warmup-epochs", "0.5", "--device", "cpu", "--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
@@ -165,15 +164,15 @@ def test_end_to_end_four_fake_datasets_with_evaluation_on_fake_ucmerced(tmp_path
     assert "T4 (treesat)" in capsys.readouterr().out
 
 
-def test_treesat_resize_instead_of_centre_crop(tmp_path):
-    make_datasets(tmp_path / "d")
+def test_treesat_resize_instead_of_centre_crop(tmp_path, datasets):
+    shutil.copytree(datasets / "TreeSatAI", tmp_path / "d" / "TreeSatAI")
     aerial = tmp_path / "d" / "TreeSatAI" / "aerial" / "60m"
     img = np.zeros((4, 304, 304), np.uint8)
     img[3, :24] = 200  # R band: a bright strip along the top, outside the centre 256×256
     for p in aerial.glob("*.tif"):
         tifffile.imwrite(p, img, photometric="minisblack", planarconfig="separate")
-    crop = rs_data.task_tiles("treesat", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None)
-    full = rs_data.task_tiles("treesat", tmp_path / "d", "train", tmp_path / "c", log=lambda m: None, treesat_resize=True)
+    crop = rs_data.task_tiles("treesat", tmp_path / "d", "train", tmp_path / "c", **QUIET)
+    full = rs_data.task_tiles("treesat", tmp_path / "d", "train", tmp_path / "c", **QUIET, treesat_resize=True)
     assert crop[:, 0].max() == 0 and full[:, 0, :10].min() > 150  # the strip: cut off, or kept (resized)
     assert runner.parse_args(Config, ["--treesat-resize"]).treesat_resize
 
@@ -193,8 +192,9 @@ def test_presets_paper_for_real_tasks_synthetic_otherwise_explicit_flags_win():
 def test_evaluating_a_task_again_replaces_its_row(tmp_path, monkeypatch):
     """A run that crashed in task 1 evaluates the random init again when resumed: one row per task."""
     cfg = tiny_cfg(tmp_path, eval=True)
-    scores = iter([dict(micro=1.0, micro_binary=2.0), dict(micro=3.0, micro_binary=4.0), dict(micro=5.0, micro_binary=6.0)])
-    monkeypatch.setattr(eval_mlknn, "evaluation_row", lambda *a: (dict(next(scores), per_task=None, rec_loss=[1.0]), []))
+    scores = iter([dict(micro=m, micro_binary=m + 1) for m in (1.0, 3.0, 5.0)])
+    monkeypatch.setattr(eval_mlknn, "evaluation_row", lambda *a: (dict(next(scores), per_task=None, rec_loss=[1.0]),
+                                                                  []))
     with runner.Run(cfg) as run:
         ev = eval_mlknn.Evaluation(cfg)
         ev.rows = []
@@ -206,6 +206,7 @@ def test_evaluating_a_task_again_replaces_its_row(tmp_path, monkeypatch):
     assert eval_mlknn.read_rows(tmp_path / "run") == rows  # and a resumed run reads them back
 
 CHILD = multiprocessing.get_context("forkserver")
+CHILD.set_forkserver_preload(["rs_data"])  # imported once, by the fork server (from the working directory)
 
 
 def make_potsdam(root: Path, n=3, h=256, w=512, seed=0) -> list:
@@ -219,10 +220,6 @@ def make_potsdam(root: Path, n=3, h=256, w=512, seed=0) -> list:
         tifffile.imwrite(paths[-1], g.integers(0, 256, (h, w, 4), dtype=np.uint8), tile=(256, 256),
                          photometric="minisblack", planarconfig="contig")
     return paths
-
-
-def potsdam_train(root: Path, cache: Path, **kw) -> np.ndarray:
-    return rs_data.task_tiles("potsdam", root, "train", cache, **{**QUIET, **kw})
 
 
 def truncate(path: Path, keep: float):
@@ -250,19 +247,12 @@ def ucmerced_folder(root: Path, n_per_class=8, sep="\t", end="") -> Path:
     return path
 
 
-def _child(q, target, args):
-    try:
-        q.put(("ok", target(*args)))
-    except BaseException as e:  # noqa: B902 (reported to the parent)
-        q.put(("raised", f"{type(e).__name__}: {e}"))
-
-
 def in_child(target, *args):
     """Run target(*args) in a child process; → (exit code, what it returned or the text of what it raised). The
     child comes from a fork server started clean: a child forked from a process whose OpenMP threads already ran
     (torch in the other tests) can hang in its first parallel region."""
     q = CHILD.Queue()
-    p = CHILD.Process(target=_child, args=(q, target, args))
+    p = CHILD.Process(target=run, args=(q, target, args))
     p.start()
     try:
         out = q.get(timeout=120)
@@ -272,35 +262,18 @@ def in_child(target, *args):
     return p.exitcode, out
 
 
-def limit_file_size(nbytes: int):
-    """What a full disk does to a write, in this process only: writes past nbytes fail with EFBIG (Python
-    ignores SIGXFSZ)."""
-    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
-
 def test_atomic_write_temporary_names_are_unique_per_call_and_process(tmp_path):
     seen = []
     for text in ("a", "b"):
         rs_data.atomic_write(tmp_path / "x.json", lambda tmp: seen.append(tmp) or tmp.write_text(text))
     assert seen[0] != seen[1] and all(t.parent == tmp_path and t.name.endswith(".tmp") for t in seen)
-    assert all(re.fullmatch(rf"x\.json\.{__import__('os').getpid()}\.[0-9a-f]{{8}}\.tmp", t.name) for t in seen)
+    assert all(re.fullmatch(rf"x\.json\.{os.getpid()}\.[0-9a-f]{{8}}\.tmp", t.name) for t in seen)
     assert (tmp_path / "x.json").read_text() == "b" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
-
-
-def _write_many(path: Path, byte: bytes, n: int):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            for _ in range(8):  # slowly, in pieces: the other process writes at the same time
-                f.write(byte * 4096)
-                time.sleep(0.001)
-    for _ in range(n):
-        rs_data.atomic_write(path, write)
-    return "done"
 
 
 def test_two_processes_writing_one_file_never_share_a_temporary_file(tmp_path):
     target = tmp_path / "summary.json"
-    procs = [CHILD.Process(target=_write_many, args=(target, b, 15)) for b in (b"a", b"b")]
+    procs = [CHILD.Process(target=write_many, args=(target, b, 15)) for b in (b"a", b"b")]
     for p in procs:
         p.start()
     for p in procs:
@@ -325,17 +298,9 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"] and (tmp_path / "ck.pt").read_text() == "old"
 
 
-def _write_under_limit(path: Path, how: str):
-    limit_file_size(100_000)
-    writers = {"text": lambda tmp: tmp.write_text("x" * 300_000),  # OSError EFBIG
-               "numpy": lambda tmp: np.save(open(tmp, "wb"), np.zeros(100_000)),  # OSError without errno
-               "torch": lambda tmp: torch.save({"w": torch.zeros(100_000)}, tmp)}  # RuntimeError of its writer
-    rs_data.atomic_write(path, writers[how])
-
-
 @pytest.mark.parametrize("how", ["text", "numpy", "torch"])
 def test_full_disk_in_atomic_write_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, how):
-    code, (kind, message) = in_child(_write_under_limit, tmp_path / "task1.pt", how)
+    code, (kind, message) = in_child(write_under_limit, tmp_path / "task1.pt", how)
     assert code == 0 and kind == "raised" and message.startswith("DataError: no space left on the device writing ")
     assert str(tmp_path / "task1.pt") in message and "free space" in message and "\n" not in message
     assert list(tmp_path.iterdir()) == []
@@ -373,14 +338,9 @@ def test_disk_errors_names_only_space_problems(tmp_path, monkeypatch):
             raise RuntimeError("writer failed")
 
 
-def _build_under_limit(root: Path, cache: Path):
-    limit_file_size(300_000)  # the train cache is 4 patches, 786 kB
-    potsdam_train(root, cache)
-
-
 def test_full_disk_while_building_the_cache_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     make_potsdam(tmp_path / "d")
-    code, (kind, message) = in_child(_build_under_limit, tmp_path / "d", tmp_path / "c")
+    code, (kind, message) = in_child(build_under_limit, tmp_path / "d", tmp_path / "c")
     assert code == 0, "killed (SIGBUS is -7) instead of an error"
     assert kind == "raised" and message.startswith("DataError: no space left on the device writing ")
     assert str(tmp_path / "c" / "potsdam_train.npy") in message and "the cache needs 0.8 MB" in message
@@ -393,25 +353,11 @@ def test_full_disk_while_building_the_cache_is_one_line_and_leaves_nothing(tmp_p
     assert np.array_equal(potsdam_train(tmp_path / "d", tmp_path / "c2"), want)
 
 
-def _slow_build(root: Path, cache: Path, start):
-    start.wait(timeout=60)  # both processes are in flight before either builds (one never takes both jobs)
-    real = rs_data.read_rgb
-
-    def slow(*a, **k):
-        time.sleep(0.3)  # the other process starts while this one builds
-        return real(*a, **k)
-
-    rs_data.read_rgb = slow
-    logs = []
-    tiles = rs_data.task_tiles("potsdam", root, "train", cache, log=logs.append)
-    return np.array(tiles), logs
-
-
 def test_two_processes_building_one_cache_at_once_both_succeed_with_one_build(tmp_path):
     make_potsdam(tmp_path / "d")
     with CHILD.Manager() as manager, CHILD.Pool(2) as pool:
         start = manager.Barrier(2)
-        results = [pool.apply_async(_slow_build, (tmp_path / "d", tmp_path / "c", start)) for _ in range(2)]
+        results = [pool.apply_async(slow_build, (tmp_path / "d", tmp_path / "c", start)) for _ in range(2)]
         (a, logs_a), (b, logs_b) = [r.get(timeout=60) for r in results]
     assert a.shape == (4, 3, 256, 256) and np.array_equal(a, b)
     builds = [m for m in logs_a + logs_b if "building the tile cache" in m]
@@ -622,11 +568,10 @@ def test_missing_or_unreadable_image_says_why(tmp_path):
 def test_ucmerced_with_too_few_images_for_ml_knn_says_how_many_are_needed(tmp_path, monkeypatch):
     labels = ucmerced_folder(tmp_path / "U", n_per_class=7)  # 21 images: 10 to train on
     monkeypatch.setattr(rs_data, "read_rgb", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
-    with pytest.raises(DataError, match=re.escape(f"{labels}: 21 images, so the training split holds 10 (1000 of "
-                                                  "every 2100); ML-kNN with k = 10 neighbours needs more than 10 "
-                                                  "training images: list at least 23 images")):
+    with pytest.raises(DataError, match=re.escape(f"{labels}: 21 images, so 10 to train on (1000 of every 2100); "
+                                                  "ML-kNN with k = 10 needs more than 10: list at least 23 images")):
         ucm(tmp_path / "U")
-    with pytest.raises(DataError, match="k = 20 neighbours.*at least 44 images"):
+    with pytest.raises(DataError, match="k = 20 needs.*at least 44 images"):
         ucm(tmp_path / "U", k=20)
     monkeypatch.undo()
     assert len(ucm(tmp_path / "U", k=9)["train"][0]) == 10

@@ -316,11 +316,14 @@ def check_run_pictures(out: Path, tasks: list, points: int):
             assert (original == original[..., :1]).all()  # a synthetic sensor: its band in grey
             masked = on_disk[y0:y1, x0 + size + 3:x0 + 2 * size + 3]
             assert (masked == draw.MASK_COLOR).all(-1).mean() > 0.5  # r = 0.75 of it removed (blue)
-    drawn = reports.run_matrices(tasks, rows, "cosmae")
-    assert set(drawn) == {"accuracy_matrix.png", "reconstruction_matrix.png"}
-    for name, (img, lay) in drawn.items():
-        assert np.array_equal(np.asarray(Image.open(out / name).convert("RGB")), np.asarray(img))
-        assert len(lay["cells"]) == points and all(len(r) == len(tasks) for r in lay["cells"])
+    names = ["accuracy_matrix.png", "reconstruction_matrix.png"]
+    on_disk = {name: np.asarray(Image.open(out / name).convert("RGB")) for name in names}
+    drawn = reports.write_run_pictures(out, tasks, rows, "cosmae")  # drawn again from eval.json: the same pictures
+    assert [name for name in drawn if drawn[name]] == names + ["reconstructions.png"]
+    for name in names:
+        img, lay = drawn[name]
+        assert np.array_equal(on_disk[name], np.asarray(img))
+        assert len(lay["boxes"]) == points and all(len(r) == len(tasks) for r in lay["boxes"])
 
 
 def test_run_pictures_also_after_a_resume_and_cli_figures_compare_labels(tmp_path, small_eval, monkeypatch, capsys,
