@@ -1,10 +1,8 @@
-"""The other rows of Table II (§III-D): ER, EWC, DER, LUMP, PFR from cosmae.py's parts; the paper gives none of their
-settings (ours: docs/choices.md, 13); all train as fine-tuning on task 1. `step` replaces cosmae.train_step (via
-`inputs`, `term`, `after_step`); runner.Run calls start_task / end_task and checkpoints state_dict.
-    python baselines.py --method lump          # any of: er ewc der lump pfr (and cosmae finetune)
-"""
+"""The other rows of Table II (§III-D) from cosmae.py's parts, all fine-tuning on task 1; their settings: ours
+(docs/choices.md, 13). `python baselines.py --method lump` (er ewc der lump pfr, and cosmae finetune)."""
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -22,34 +20,31 @@ from rs_data import DataError, augment
 
 @dataclass
 class BaselineConfig(cosmae.Config):
-    method: str = arg("er", "a Table II row: er ewc der lump pfr, or cosmae finetune",
-                      choices=["er", "ewc", "der", "lump", "pfr", "cosmae", "finetune"])
-    replay_batch: int = arg(0, "ER, DER: buffer images per step (0: ER ⌈0.045·B⌉, DER ⌈0.14·B⌉, from Table II's "
-                               "hours)", ge=0)
+    method: str = arg("er", "a Table II row", choices=["er", "ewc", "der", "lump", "pfr", "cosmae", "finetune"])
+    replay_batch: int = arg(0, "ER, DER: buffer images per step (0: ER ⌈0.045·B⌉, DER ⌈0.14·B⌉, by Table II)", ge=0)
     ewc_lambda: float = arg(100.0, "EWC: penalty weight λ_EWC (not given in the paper; not tuned)", ge=0)
     ewc_batches: int = arg(16, "EWC: batches used to estimate the diagonal Fisher after each task", ge=1)
     der_alpha: float = arg(0.1, "DER: weight of its feature MSE (ours, not tuned; LUMP's configs: 0.4)", ge=0)
     pfr_weight: float = arg(1.0, "PFR: weight of the cosine regulariser (not given in the paper)", ge=0)
-    lump_alpha: float = arg(0.4, "LUMP: α of its λ ~ Beta(α, α), one draw per step (LUMP's own value)", gt=0)
+    lump_alpha: float = arg(0.4, "LUMP: α of its λ ~ Beta(α, α), one draw per step (LUMP's value)", gt=0, le=1e3)
 
 
 def resolve(cfg: BaselineConfig) -> BaselineConfig:
-    """cosmae.resolve (no CoSMAE regulariser here), then ER's and DER's replay batch; a replay method needs a buffer."""
     cfg, method = cosmae.resolve(cfg), cfg.method
     if method in ("er", "der"):
         cfg.replay_batch = cfg.replay_batch or math.ceil(cfg.batch_size * (0.045 if method == "er" else 0.14))
     need = cfg.batch_size if method == "lump" else 1 if method in ("er", "der") else 0
     if cfg.memory_size < need:
-        raise DataError(f"--memory-size {cfg.memory_size}: must be ≥ {'--batch-size' if method == 'lump' else 1} "
-                        f"for {method} (it replays the buffer)")
+        raise DataError(f"--memory-size {cfg.memory_size}: must be ≥ {'--batch-size' if need > 1 else 1} for {method}")
     return cfg
 
 
 class Baseline:
-    """The seam of cosmae.train(): by default every hook does nothing and a step is Eq. (1) alone."""
+    """The seam of cosmae.train(): every hook does nothing, a step is Eq. (1) alone; runner.Run checkpoints it."""
 
     def __init__(self, cfg: BaselineConfig):
         self.cfg = cfg
+        self.load_state_dict({})  # the state before task 1
 
     def start_task(self, t: int, model, theta_prev: dict):
         pass
@@ -97,12 +92,7 @@ class ER(Baseline):
 
 
 class EWC(Baseline):
-    """EWC [7] on the MAE loss, online form (one accumulated Fisher, anchor θ* = weights after the last task,
-    inferred): after each task F += mean over batches of (∂L_Recon/∂θ)²; penalty λ/2 · Σ F·(θ − θ*)²."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.fisher, self.anchor = {}, {}
+    """EWC [7], online (inferred): after each task F += batch mean of (∂L_Recon/∂θ)², θ* = θ; λ/2 · Σ F·(θ − θ*)²."""
 
     def term(self, model, projector, x, latent, buffer, gen):
         if not self.fisher:
@@ -114,15 +104,13 @@ class EWC(Baseline):
         cfg, img = self.cfg, cosmae.MODELS[self.cfg.model]["img_size"]
         rng, gen = np.random.default_rng([cfg.seed, 777]), torch.Generator(cfg.device).manual_seed(cfg.seed)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        sq, nb = {n: torch.zeros_like(p) for n, p in params.items()}, 0
-        for raw in rs_data.batches(tiles, cfg.batch_size, rng, cfg.device, (runner.DIST["rank"], runner.DIST["world"])):
+        sq = {n: torch.zeros_like(p) for n, p in params.items()}
+        batches = rs_data.batches(tiles, cfg.batch_size, rng, cfg.device, (runner.DIST["rank"], runner.DIST["world"]))
+        for nb, raw in enumerate(itertools.islice(batches, cfg.ewc_batches), 1):
             model.zero_grad(set_to_none=True)
             model(augment(raw, img, gen), cfg.mask_ratio)[0].backward()
             grads = [p.grad for p in params.values()]
             torch._foreach_addcmul_(list(sq.values()), grads, grads)
-            nb += 1
-            if nb == cfg.ewc_batches:
-                break
         model.zero_grad(set_to_none=True)
         self.fisher = {n: self.fisher.get(n, 0) + runner.all_mean(v) / nb for n, v in sq.items()}
         self.anchor = {n: p.detach().clone() for n, p in params.items()}
@@ -136,33 +124,25 @@ class EWC(Baseline):
 
 
 class DER(Baseline):
-    """DER [11] as LUMP adapts it to self-supervision: each buffer image's encoder features (plain resize) stored
-    when it enters the buffer; from task 2 on, α · MSE of the current and stored features of replay_batch of them."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.feats, self._flat = {}, None  # {task: float [m, D]} aligned with buffer.tiles[task] (prefixes kept)
+    """DER [11] as LUMP adapts it: α · MSE of replay_batch buffer images' features and those stored as they entered."""
 
     def term(self, model, projector, x, latent, buffer, gen):
         if not self.feats:
             return 0.0
-        if self._flat is None:  # the stored features of the buffer's tiles, in buffer.flat()'s order
-            self._flat = torch.cat([self.feats[k][:len(v)] for k, v in buffer.tiles.items()])
-        self._flat = self._flat.to(x.device)
         idx = buffer.draw(self.cfg.replay_batch, gen, x.device)
-        raw, stored = buffer.flat(x.device)[idx], self._flat[idx]
-        feats = model.encode(augment(raw, x.shape[-1], None), self.cfg.pool).float()  # the view stored
+        stored = torch.cat([self.feats[k][:len(v)] for k, v in buffer.tiles.items()])[idx]  # buffer.flat()'s order
+        feats = model.encode(augment(buffer.flat(x.device)[idx], x.shape[-1], None), self.cfg.pool).float()  # plain
         return self.cfg.der_alpha * F.mse_loss(feats, stored)
 
     def end_task(self, t, model, tiles, buffer):
         feats = eval_mlknn.extract_features(model, buffer.tiles[t], self.cfg.pool, self.cfg.device, self.cfg.amp)
-        self.feats[t], self._flat = torch.from_numpy(feats), None
+        self.feats[t] = torch.from_numpy(feats).to(self.cfg.device)
 
     def state_dict(self):
         return {f"feats{k}": v for k, v in self.feats.items()}
 
-    def load_state_dict(self, sd):
-        self.feats, self._flat = {int(k[5:]): v for k, v in sd.items()}, None
+    def load_state_dict(self, sd):  # feats: {task: float [m, D]} on the device, aligned with buffer.tiles[task]
+        self.feats = {int(k[5:]): v.to(self.cfg.device) for k, v in sd.items()}
 
 
 class PFR(Baseline):
@@ -183,12 +163,8 @@ class PFR(Baseline):
 
 
 class LUMP(Baseline):
-    """LUMP [8] (code divyam3897/UCL): its own reservoir of the stream (M images, uniform over all seen); from task 2
-    on, Eq. (1) on the batch mixed with as many reservoir images (no replacement), one λ ~ Beta(α, α) per step."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.tiles, self.seen, self.t = None, 0, 1  # tiles: uint8 [M, 3, S, S] on the device
+    """LUMP [8] (divyam3897/UCL): its own reservoir of the stream (M images, uniform over all seen); from task 2 on,
+    Eq. (1) on the batch mixed with as many reservoir images (no replacement), one λ ~ Beta(α, α) per step."""
 
     def start_task(self, t, model, theta_prev):
         self.t = t
@@ -203,8 +179,7 @@ class LUMP(Baseline):
         return x, lam
 
     def after_step(self, raw, rng):
-        """Reservoir sampling of every batch (task 1 too): image i fills slot i while there is room, then a uniform
-        slot of [0, i] if < M."""
+        """Reservoir sampling of each batch (task 1 too): image i takes slot i, then a uniform slot of [0, i] if < M."""
         m = self.cfg.memory_size
         if self.tiles is None:
             self.tiles = torch.zeros((m, *raw.shape[1:]), dtype=torch.uint8, device=raw.device)
@@ -219,9 +194,9 @@ class LUMP(Baseline):
     def state_dict(self):
         return {"tiles": self.tiles, "seen": torch.tensor(self.seen)} if self.tiles is not None else {}
 
-    def load_state_dict(self, sd):
+    def load_state_dict(self, sd):  # tiles: uint8 [M, 3, S, S] on the device: a uniform sample of the `seen` so far
         self.tiles, self.seen = sd.get("tiles"), int(sd.get("seen", 0))
-        self.tiles = self.tiles.to(self.cfg.device) if self.tiles is not None else None
+        self.tiles = None if self.tiles is None else self.tiles.to(self.cfg.device)
 
 
 BASELINES = {"er": ER, "ewc": EWC, "der": DER, "lump": LUMP, "pfr": PFR}
@@ -236,7 +211,7 @@ def main(argv=None):  # `python baselines.py --help`: every flag; one run per se
         for cfg in runner.seed_runs(resolve(runner.parse_args(BaselineConfig, argv))):
             method = make(cfg)
             with runner.Run(cfg, method, [eval_mlknn.Evaluation(cfg)] if cfg.eval else []) as run:
-                cosmae.train(cfg, run, method.step) if method else cosmae.train(cfg, run)
+                cosmae.train(cfg, run, method.step if method else cosmae.train_step)
     runner.cli(run_all)
 
 

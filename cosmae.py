@@ -139,8 +139,7 @@ class MAE(nn.Module):
         return x.reshape(n, 3, g * p, g * p)
 
     def random_masking(self, x, mask_ratio: float):
-        """Per-sample random masking by argsort of uniform noise. x: [N, L, D] → x_kept [N, len_keep, D],
-        mask [N, L] (1 = removed, 0 = kept, in the original patch order), ids_restore [N, L]."""
+        """Argsort of uniform noise: x [N, L, D] → x_kept [N, len_keep, D], mask [N, L] (1 = removed), ids_restore."""
         n, l, d = x.shape
         len_keep = int(l * (1 - mask_ratio))
         noise = torch.rand(n, l, device=x.device)  # [N, L]
@@ -153,8 +152,7 @@ class MAE(nn.Module):
         return x_kept, torch.gather(mask, 1, ids_restore), ids_restore
 
     def forward_encoder(self, imgs, mask_ratio: float):
-        """→ latent [N, 1 + len_keep, D] (cls first), mask [N, L], ids_restore [N, L]; mask_ratio 0 = no
-        masking and no shuffle (the teacher's and the evaluation's unmasked input)."""
+        """→ latent [N, 1 + len_keep, D] (cls first), mask [N, L], ids_restore [N, L]; mask_ratio 0: unmasked."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # [N, L, D]
         mask = ids_restore = None
         if mask_ratio > 0:
@@ -186,9 +184,7 @@ class MAE(nn.Module):
         return target
 
     def forward_loss(self, imgs, pred, mask):
-        """imgs [N, 3, H, W], pred [N, L, p²·3], mask [N, L] → scalar. As MAE computes it: the squared error is
-        averaged over the p²·3 values of a patch, then over the masked patches (the printed ‖·‖² sums over a
-        patch's values: this is it divided by p²·3, which sets the scale that β = 0.1 weighs against)."""
+        """imgs [N, 3, H, W], pred [N, L, p²·3], mask [N, L] → scalar, as MAE: the printed ‖·‖² / p²·3 (choice 3)."""
         # Eq. (1)  L_Recon = 1/N_r Σ_{k masked} 1/(p²·3) ‖X_k − X̂_k‖²
         loss = ((pred.float() - self.target(imgs)) ** 2).mean(dim=-1)  # [N, L], mean loss per patch
         return (loss * mask).sum() / mask.sum()
@@ -219,7 +215,6 @@ def is_encoder_key(name: str) -> bool:
 
 
 def build_model(cfg: Config) -> MAE:
-    """The MAE of cfg.model at its random initialisation under cfg.seed."""
     torch.manual_seed(cfg.seed)
     return MAE(**MODELS[cfg.model], norm_pix_loss=cfg.norm_pix_loss)
 
@@ -229,8 +224,7 @@ def build_model(cfg: Config) -> MAE:
 # crop and flip, rs_data.augment), so the buffer keeps raw tiles and augments them afresh whenever they are drawn.
 
 class ReplayBuffer:
-    """Memory buffer M_t of raw tiles of past tasks (§II-B): ⌊M/t⌋ images of each of the t past tasks, chosen
-    uniformly at random ("an equal number of images of every task"); drawn uniformly, augmented when drawn."""
+    """Memory buffer M_t (§II-B): ⌊M/t⌋ raw tiles of each past task, chosen, drawn uniformly, augmented when drawn."""
 
     def __init__(self, size: int):
         self.size, self.tiles, self._flat = size, {}, None  # tiles: {task: uint8 [m, 3, S, S]}, random order
@@ -258,7 +252,6 @@ class ReplayBuffer:
         return self._flat
 
     def sample(self, n: int, gen: torch.Generator, device) -> torch.Tensor:
-        """n tiles drawn uniformly with replacement → uint8 [n, 3, S, S] on `device`."""
         return self.flat(device)[self.draw(n, gen, device)]
 
     def state_dict(self) -> dict:
@@ -284,8 +277,7 @@ def mix_batch(x, x_mem, lam1):
 # --- §II-C. Model-mixup knowledge distillation: the teacher, the projector g, the mutual information maximization loss
 
 class MixupTeacher(nn.Module):
-    """The teacher ẽ_t: a frozen copy of the encoder whose weights are set in place, before every step, between
-    θ_{t−1} and the student's current θ_t. It is not trained and needs no gradients (§II-C)."""
+    """The teacher ẽ_t: a frozen copy of the encoder, its weights set between θ_{t−1} and θ_t before every step."""
 
     def __init__(self, student: MAE, theta_prev: dict, pool: str = "mean"):
         super().__init__()
@@ -313,14 +305,10 @@ def make_projector(dim: int, hidden: int = 128) -> nn.Module:
 
 
 def mim_loss(student, teacher, tau: float = 0.5, form: str = "simclr"):
-    """Mutual information maximization (MIM) loss of Eq. (4), "based on NT-Xent [12]" (SimCLR).
-    student g(c): [N, D], teacher c̃: [N, D] → scalar; S = cosine similarity. Three readings:
-    simclr:  SimCLR's NT-Xent over the 2N embeddings [g(c); c̃]: every embedding is an anchor, its partner the
-             positive, all 2N − 1 others (same-side ones too) the denominator; mean over 2N (the 1/(2|B|) of Eq. (4)).
-             The printed 1{i≠q} is SimCLR's 1[k≠i]. The group's CSMAE code computes this.
-    paper:   the printed letter: each denominator sums over the other side only with 1{i≠q}, so the positive is
-             left out of it (a decoupled contrastive loss; it can be negative).
-    infonce: the printed cross-side sums with the positive kept (a symmetric InfoNCE, student against teacher)."""
+    """Mutual information maximization (MIM) loss of Eq. (4), "based on NT-Xent [12]": student g(c) [N, D], teacher
+    c̃ [N, D] → scalar; S = cosine similarity. Three readings (docs/choices.md, 2): simclr, SimCLR's NT-Xent over
+    the 2N embeddings (the printed 1{i≠q} as SimCLR's 1[k≠i]; the group's CSMAE code); paper, the printed letter
+    (positives out of the cross-side denominators: it can be negative); infonce, the cross-side sums with them."""
     z = torch.cat([F.normalize(student.float(), dim=1), F.normalize(teacher.float(), dim=1)])  # [2N, D]
     n = student.shape[0]
     if form == "simclr":
@@ -330,17 +318,16 @@ def mim_loss(student, teacher, tau: float = 0.5, form: str = "simclr"):
         # Eq. (4)  L_MIM = 1/(2N) Σ_{i=1}^{2N} −log(e^{S(z_i, z_pos(i))/τ} / Σ_{k≠i} e^{S(z_i, z_k)/τ})
         return F.cross_entropy(s, positive)
     s = z[:n] @ z[n:].T / tau  # [N, N]: S(g_i, c̃_q)/τ; row i, column q; positives on the diagonal
-    if form == "paper":  # the printed 1{i ≠ q}: positives out of the denominators
-        s_neg = s.masked_fill(torch.eye(n, dtype=torch.bool, device=s.device), float("-inf"))
-        return (2 * -s.diagonal() + s_neg.logsumexp(dim=1) + s_neg.logsumexp(dim=0)).sum() / (2 * n)
-    return (2 * -s.diagonal() + s.logsumexp(dim=1) + s.logsumexp(dim=0)).sum() / (2 * n)  # infonce
+    eye = torch.eye(n, dtype=torch.bool, device=s.device)
+    s_den = s.masked_fill(eye, float("-inf")) if form == "paper" else s  # paper: the printed 1{i ≠ q}; infonce: kept
+    return (2 * -s.diagonal() + s_den.logsumexp(dim=1) + s_den.logsumexp(dim=0)).sum() / (2 * n)
 
 
 # --- One CoSMAE step: Eq. (2), (1), (3), (4), (5) ------------------------------------------------------------------
 
 def train_step(model, projector, teacher, opt, raw, buffer, rng, gen, cfg: Config, mixup: bool, lam2=None):
-    """One step on a raw uint8 batch [B, 3, S, S] on the device: augment, Eq. (2) (t ≥ 2), (1), (3), (4), (5),
-    AdamW (lam2: --teacher-every epoch's). → (loss, loss_rec, loss_mim) device tensors (no host sync), λ1, λ2."""
+    """A raw uint8 batch [B, 3, S, S] on the device: augment, Eq. (2) (t ≥ 2), (1), (3), (4), (5), AdamW (lam2: set
+    by --teacher-every epoch) → (loss, loss_rec, loss_mim) device tensors (no host sync), λ1, λ2."""
     img, per_image = MODELS[cfg.model]["img_size"], cfg.lam1_per == "image"
     x, lam1 = rs_data.augment(raw, img, gen), 1.0
     if mixup:  # λ1 once per batch (inferred, as LUMP), or once per image with --lam1-per image
@@ -424,7 +411,6 @@ def train(cfg: Config, run, step_fn=train_step) -> MAE:
 
 
 def task_data(name: str, cfg: Config) -> np.ndarray:
-    """uint8 [n, 3, S, S] training tiles of one task."""
     if name in rs_data.SYNTH_TASKS:
         size = rs_data.tile_size(cfg.tasks, MODELS[cfg.model]["img_size"])
         return rs_data.synth_task(name, cfg.synth_train, size, rs_data.DATA_SEED)[0]
@@ -456,25 +442,20 @@ def setting(default, help, **kw):  # a field that does not change what is traine
     return arg(default, help, training=False, **kw)
 
 
-def visible(r: float, cfg) -> bool:  # the mask ratio r in (0, 1) leaves one of the L patches visible and one masked
-    return 0 < r < 1 and 1 <= int((MODELS[cfg.model]["img_size"] // MODELS[cfg.model]["patch_size"]) ** 2 * (1 - r))
-
-
 @dataclass
 class Config:
     """CoSMAE: continual self-supervised MAE for remote sensing (every flag; defaults from the paper)."""
     # experiment
     method: str = arg("cosmae", "cosmae, or finetune (Table I: no mixup, no KD)", choices=["cosmae", "finetune"])
-    tasks: list = arg(list(rs_data.SYNTH_TASKS), "T_1..T_T: synthetic, or the paper's us3d uavid potsdam treesat",
-                      choices=[*rs_data.SYNTH_TASKS, *rs_data.REAL_TASKS],
+    tasks: list = arg(list(rs_data.SYNTH_TASKS), "T_1..T_T: synthetic, the paper's us3d uavid potsdam treesat, or "
+                      "folders of images", type=rs_data.task_arg,
                       check=(lambda v, c: len({t in rs_data.SYNTH_TASKS for t in v}) == 1, "all synthetic or all real"))
     data_root: str = setting("data", "folder holding the real datasets (README: 'Data layout')")
     cache_dir: str = setting("", "tile cache folder ('' = DATA_ROOT/.cosmae_cache if writable, else the user cache)")
     ucmerced: str = setting("", "UCMerced_LandUse folder: ML-kNN on it after each task (else the synthetic set)")
-    out: str = setting("runs/cosmae", "run folder: config.json, metrics.jsonl, task checkpoints; rerun to resume",
-                       check=(lambda v, c: v.strip() not in ("", "."), "a run folder (not empty, not the current one)"))
-    seed: int = arg(0, "seed of model init, data order, augmentation, masking, buffer and λ draws", ge=0)
-    seeds: list = setting([], "one run per seed, under OUT/seed<s> (the paper averages 3 trials)", type=int, ge=0)
+    out: str = setting("runs/cosmae", "run folder: config.json, metrics.jsonl, task checkpoints; rerun to resume")
+    seed: int = arg(0, "seed of the init, data order, augmentation, masking, buffer and λ draws", ge=0, le=2 ** 32 - 1)
+    seeds: list = setting([], "one run per seed, in OUT/seed<s> (the paper: 3 trials)", type=int, ge=0, le=2 ** 32 - 1)
     device: str = setting("auto", "auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
     eval: bool = setting(True, "evaluation before task 1 and after every task (ML-kNN, Eq. (1) per task, pictures)")
     mlknn_count_self: bool = setting(False, "ML-kNN counts an image as its own neighbour (as scikit-multilearn)")
@@ -482,23 +463,24 @@ class Config:
     save_every: int = setting(10, "epochs between resumable mid-task checkpoints (last.pt)", ge=1)
     # MAE (§II-A, §III-B)
     model: str = arg("", "vit_base (paper), vit_tiny (CPU), vit_test (tests); '' = by tasks", choices=list(MODELS))
-    mask_ratio: float = arg(0.75, "r, mask ratio of Eq. (1) (§III-B)",
-                            check=(visible, "in (0, 1), leaving at least one patch visible and one masked"))
+    mask_ratio: float = arg(0.75, "r, mask ratio of Eq. (1) (§III-B)", check=(  # r·L patches masked, (1 − r)·L seen
+        lambda v, c: 0 < v < 1 and (1 - v) * (MODELS[c.model]["img_size"] // MODELS[c.model]["patch_size"]) ** 2 >= 1,
+        "in (0, 1), leaving at least one patch visible and one masked"))
     norm_pix_loss: bool | None = arg(None, "MAE's per-patch normalised target (real data: off, an inferred choice; "
                                      "MAE's own default is on; synthetic: on)")
     pool: str = arg("mean", "features c: mean of patch tokens or the cls token (inferred)", choices=["mean", "cls"])
-    init: str = arg("", "an MAE checkpoint to start from (e.g. mae_pretrain_vit_base.pth)", type=runner.a_file)
+    init: str = arg("", "an MAE checkpoint to start from (e.g. mae_pretrain_vit_base.pth)")
     # CoSMAE (§II-B, §II-C)
     data_mixup: bool = arg(True, "Eq. (2) data mixup with the memory buffer (t ≥ 2)")
     model_mixup: bool = arg(True, "Eq. (3)-(4) model-mixup knowledge distillation (t ≥ 2)")
     memory_size: int = arg(1000, "M, images in the memory buffer (§III-B)",
                            check=(lambda v, c: v >= c.data_mixup, "≥ 1 with data mixup (--no-data-mixup allows 0)"))
     lam1: str = arg("beta", "λ1 ~ Beta(α1, α1), U[0,1] (Fig. 2a), constant", choices=["beta", "uniform", "constant"])
-    alpha1: float = arg(0.4, "α1 of λ1 ~ Beta(α1, α1) (§III-C, Fig. 2a)", gt=0)
+    alpha1: float = arg(0.4, "α1 of λ1 ~ Beta(α1, α1) (§III-C, Fig. 2a)", gt=0, le=1e3)
     lam1_value: float = arg(0.5, "λ1 when --lam1 constant", ge=0, le=1)
     lam1_per: str = arg("batch", "one λ1 per batch (as LUMP) or per image (inferred)", choices=["batch", "image"])
     lam2: str = arg("beta", "λ2 ~ Beta(α2, α2), U[0,1], constant (Fig. 2c)", choices=["beta", "uniform", "constant"])
-    alpha2: float = arg(0.4, "α2 of λ2 ~ Beta(α2, α2) (§III-C, Fig. 2c)", gt=0)
+    alpha2: float = arg(0.4, "α2 of λ2 ~ Beta(α2, α2) (§III-C, Fig. 2c)", gt=0, le=1e3)
     lam2_value: float = arg(0.5, "λ2 when --lam2 constant (Fig. 2c: 0.5 and 0)", ge=0, le=1)
     teacher_every: str = arg("step", "a new teacher (Eq. (3)) every step or epoch", choices=["step", "epoch"])
     proj_hidden: int = arg(128, "hidden width of the 2-layer projector g (§III-B)", ge=1)
@@ -517,7 +499,7 @@ class Config:
     compile: bool = setting(False, "torch.compile the student and the teacher (speed only)")
     # data
     synth_train: int = arg(1024, "training images per synthetic task", check=(
-        lambda v, c: v >= c.batch_size or c.tasks[0] in rs_data.REAL_TASKS, "≥ --batch-size ({c.batch_size})"))
+        lambda v, c: v >= c.batch_size or c.tasks[0] not in rs_data.SYNTH_TASKS, "≥ --batch-size ({c.batch_size})"))
     treesat_resize: bool = arg(False, "TreeSatAI: resize each 304×304 image to 256 (default: its centre 256×256)")
 
 

@@ -1,36 +1,25 @@
-"""The frozen-feature evaluation: after each task the encoder is frozen and its features classified with ML-kNN
-(M.-L. Zhang, Z.-H. Zhou, Pattern Recognition 40(7), 2007), scored by mean average precision (mAP); a row of
-eval.json per evaluation point and the run's pictures (reports/ draws them and writes the tables).
+"""The frozen-feature evaluation: after each task the frozen encoder's features are classified with ML-kNN (M.-L.
+Zhang, Z.-H. Zhou, Pattern Recognition 40(7), 2007) and scored by mean average precision (mAP): a row of eval.json per
+evaluation point. The paper (§III-B) fixes ML-kNN with k = 10 and micro mAP on UCMerced (1000 training / 300
+validation / 800 test images); this project's choices: images resized to the model's size, normalised, unmasked; the
+mean of the output patch tokens (--pool); Laplace smoothing s = 1. Both mAP kinds: 'posterior' ranks ML-kNN's
+posteriors P(H1 | E), 'binary' (★) its 0/1 decisions (probably the paper's: docs/results.md, "Which mAP kind").
 
-The paper (§III-B) fixes: the frozen encoder as feature extractor, ML-kNN with k = 10, micro mAP on UCMerced (1000
-training / 300 validation / 800 test images). This project's choices, which the paper does not state: images resized
-to the model's size (224 for ViT-B/16), normalised, unaugmented, unmasked; the feature is the mean of the output
-patch tokens (--pool); Laplace smoothing s = 1 (Zhang & Zhou's); ML-kNN fitted on the 1000 training images and
-scored on the 800 test images. The paper does not say which scores its mAP ranks, so both kinds are computed:
-    posterior  the ML-kNN posteriors P(H1 | E) are ranked (the proper reading of mAP);
-    binary     the 0/1 MAP decisions are ranked (what toolkits whose predict() returns decisions give).
-The binary kind is probably the paper's (a guess from its numbers: README, "Which mAP the paper reports"), so it is
-the one to set beside the paper's Tables I and II. Only the command line imports cosmae.py (to build an encoder).
-
-Run:
-    python eval_mlknn.py runs/cosmae                              # the tables of a finished run (its eval.json)
-    python eval_mlknn.py runs/*/seed* --table-out table.md        # methods × seeds: mean ± std
-    python eval_mlknn.py runs/grid/* --figures figs               # A, R and reconstructions per method, as PNGs
-    python eval_mlknn.py runs/cosmae --ucmerced DATA/UCMerced_LandUse   # the init and every task checkpoint on it
-    python eval_mlknn.py mae_pretrain_vit_base.pth --ucmerced DATA/UCMerced_LandUse   # one checkpoint
-    python eval_mlknn.py --model vit_base --ucmerced DATA/UCMerced_LandUse            # a random-init encoder
+    python eval_mlknn.py runs/*/seed* --table-out table.md --figures figs   # tables (mean ± std over seeds), pictures
+    python eval_mlknn.py runs/cosmae --ucmerced DATA/UCMerced_LandUse      # the init and every task checkpoint on it
+    python eval_mlknn.py [mae_pretrain_vit_base.pth] --ucmerced DATA/UCMerced_LandUse  # a checkpoint, or random init
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import os
+import hashlib
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from sklearn.metrics import average_precision_score
 from sklearn.neighbors import NearestNeighbors
 
@@ -41,7 +30,6 @@ from reports import draw
 from rs_data import DataError, atomic_write
 
 K, SMOOTHING = 10, 1.0  # the paper's k; Laplace smoothing s = 1 as in Zhang & Zhou
-UCMERCED, SYNTHETIC = "UCMerced (800 test images)", "the synthetic multi-label set"  # eval_set of a row
 
 # --- ML-kNN (Zhang & Zhou 2007, Fig. 1; step numbers of the pseudo-code) -----------------------------------
 
@@ -96,14 +84,12 @@ def evaluate_features(f_train, y_train, f_test, y_test, count_self: bool = False
 
 # --- A frozen encoder: its features, and Eq. (1) on held-out tiles ------------------------------------------------
 
-def device_tiles(tiles, device) -> torch.Tensor:
-    """uint8 tiles (a numpy array, a read-only memory map: copied, or a tensor) → a tensor on `device`."""
+def device_tiles(tiles, device) -> torch.Tensor:  # a numpy array, a read-only memory map (copied) or a tensor
     return (tiles if torch.is_tensor(tiles) else torch.from_numpy(np.array(tiles))).to(device)
 
 
 @torch.no_grad()
-def extract_features(model, tiles, pool: str = "mean", device="cpu", amp: bool = True,
-                     batch_size: int = 256) -> np.ndarray:
+def extract_features(model, tiles, pool="mean", device="cpu", amp=True, batch_size=256) -> np.ndarray:
     """Frozen features of uint8 tiles [n, 3, S, S] (resized to the model's size, normalised, unmasked) → [n, D]."""
     was_training, out, dev = model.training, [], torch.device(device)
     model.eval()
@@ -116,8 +102,7 @@ def extract_features(model, tiles, pool: str = "mean", device="cpu", amp: bool =
 
 
 @torch.no_grad()
-def reconstruct(model, tiles, mask_ratio: float = 0.75, device="cpu", amp: bool = True, show: int = 2,
-                seed: int = 0, batch_size: int = 256):
+def reconstruct(model, tiles, mask_ratio=0.75, device="cpu", amp=True, show=2, seed=0, batch_size=256):
     """Eq. (1) on uint8 tiles (plain resize; masks drawn from `seed`, so every call masks the same patches) →
     (mean loss, uint8 [H, 3·show·W, 3] picture of the first `show` tiles: original | masked | reconstruction)."""
     total, panel, was_training, dev = 0.0, None, model.training, torch.device(device)
@@ -147,12 +132,9 @@ def picture(model, x, pred, mask) -> np.ndarray:
     return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
-# --- One evaluation point: the row of eval.json ----------------------------------------------------------------
-
 def evaluation_row(data: dict, features, reconstruct, count_self: bool = False) -> tuple:
-    """data: rs_data.evaluation_sets() ('main', 'own', 'held_out'); features(tiles) → [n, D]; reconstruct(tiles) →
-    (loss, picture). → (row: ML-kNN on 'main', 'per_task' = A[t][·] (posterior micro mAP on each task's own set),
-    'rec_loss' = R[t][·]; the pictures)."""
+    """data: rs_data.evaluation_sets(); features(tiles) → [n, D]; reconstruct(tiles) → (loss, picture). → (row: ML-kNN
+    on 'main', 'per_task' = A[t][·] (micro mAP on each task's own set), 'rec_loss' = R[t][·]; the pictures)."""
     def mlknn(s):
         return evaluate_features(features(s["train"][0]), s["train"][1], features(s["test"][0]), s["test"][1],
                                  count_self)
@@ -160,43 +142,33 @@ def evaluation_row(data: dict, features, reconstruct, count_self: bool = False) 
     row = mlknn(data["main"])
     row["per_task"] = [mlknn(s)["micro"] for s in data["own"]] if data["own"] else None
     recs = [reconstruct(tiles) for tiles in data["held_out"]]
-    row["rec_loss"] = [loss for loss, _ in recs]
+    row["rec_loss"] = [loss for loss, _ in recs] or None  # none: no task data (python eval_mlknn.py RUN --ucmerced)
     return row, [pic for _, pic in recs]
 
 
-def save_picture(path: Path, pictures: list, scale: int = 0):
-    """The pictures of every task (uint8 [H, W', 3] each), a row each, enlarged to ~256 px high → one PNG."""
-    from PIL import Image
-    width = max(p.shape[1] for p in pictures)  # a task with fewer held-out tiles: its row padded with black
-    arr = np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0))) for p in pictures], 0)
-    scale = scale or max(1, 256 // pictures[0].shape[0])
-    im = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
-    atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
-
-
-def task_band(name: str):
-    """A synthetic sensor's informative band (0, 1, 2; None for synth_pan: the mean of the three); 'rgb' otherwise."""
-    return rs_data.SYNTH_TASKS[name] if name in rs_data.SYNTH_TASKS else "rgb"
-
-
-def band_view(img: np.ndarray, band) -> np.ndarray:
-    """uint8 [H, W, 3] → the band (task_band) in grey [H, W, 3]; 'rgb': unchanged."""
-    if band == "rgb":
-        return img
-    grey = img[..., band] if band is not None else np.round(img.astype(np.float64).mean(-1)).astype(np.uint8)
-    return np.repeat(grey[..., None], 3, -1)
-
-
-def panel_view(panel: np.ndarray, band) -> np.ndarray:
-    """A picture() panel in `band`, the removed patches (where the masked input differs from the original) painted
-    draw.MASK_COLOR (blue); 'rgb': unchanged (MAE's grey patches)."""
-    if band == "rgb":
+def panel_view(panel: np.ndarray, task: str) -> np.ndarray:
+    """A picture() panel of a synthetic sensor: its informative band in grey (synth_pan: the mean of the three), the
+    removed patches (where the masked input differs from the original) in draw.MASK_COLOR; other tasks: unchanged."""
+    if task not in rs_data.SYNTH_TASKS:
         return panel
-    h, out = panel.shape[0], band_view(panel, band).copy()
-    for k in range(panel.shape[1] // (3 * h)):
-        original, masked = panel[:, 3 * k * h:(3 * k + 1) * h], panel[:, (3 * k + 1) * h:(3 * k + 2) * h]
-        out[:, (3 * k + 1) * h:(3 * k + 2) * h][(masked != original).any(-1)] = draw.MASK_COLOR
+    band, h = rs_data.SYNTH_TASKS[task], panel.shape[0]
+    grey = panel[..., band] if band is not None else np.round(panel.astype(np.float64).mean(-1)).astype(np.uint8)
+    out = np.repeat(grey[..., None], 3, -1)
+    views = panel[:, :panel.shape[1] // (3 * h) * 3 * h].reshape(h, -1, 3, h, 3)  # [H, tile, view, W, 3]
+    out[:, :views.shape[1] * 3 * h].reshape(h, -1, 3, h, 3)[:, :, 1][(views[:, :, 1] != views[:, :, 0]).any(-1)] = \
+        draw.MASK_COLOR
     return out
+
+
+def set_identity(main: dict, ucmerced) -> dict:
+    """The evaluation set of a row: what it is, where, how many test images; a fingerprint of its images and labels."""
+    digest = hashlib.sha256()
+    for part in (*main["train"], *main["test"]):
+        digest.update(np.ascontiguousarray(part))
+    n = len(main["test"][1])
+    what = f"UCMerced ({n} test images) from {Path(ucmerced).resolve()}" if ucmerced else \
+        f"the synthetic multi-label set ({n} test images)"
+    return dict(eval_set=what, eval_id=digest.hexdigest()[:16])
 
 
 class Evaluation:
@@ -204,7 +176,7 @@ class Evaluation:
     on the multi-label set, both kinds; A[t][·] on synthetic tasks; R[t][·]), the pictures; at the end the tables."""
 
     def __init__(self, cfg, reconstructions: bool = True):
-        self.cfg, self.source, self.data = cfg, UCMERCED if cfg.ucmerced else SYNTHETIC, None
+        self.cfg, self.data, self.rows, self.set = cfg, None, [], dict(eval_set="?", eval_id="")
         self.reconstructions = reconstructions  # False: ML-kNN only (no task data needed, no R, no pictures)
 
     def prepare(self, run, model):
@@ -214,15 +186,16 @@ class Evaluation:
             self.data = rs_data.evaluation_sets(cfg.tasks, size, cfg.ucmerced, cfg.data_root, cfg.cache_dir,
                                                 cfg.treesat_resize)
         else:
-            main = rs_data.ucmerced_splits(cfg.ucmerced, cfg.cache_dir) if cfg.ucmerced else \
-                rs_data.synthetic_eval_set(size, cfg.tasks)
-            self.data = dict(main=main, own=None, held_out=[])
-        self.rows = read_rows(run.out)
+            self.data = dict(own=None, held_out=[], main=rs_data.ucmerced_splits(cfg.ucmerced, cfg.cache_dir)
+                             if cfg.ucmerced else rs_data.synthetic_eval_set(size, cfg.tasks))
+        self.set, self.rows = set_identity(self.data["main"], cfg.ucmerced), read_rows(run.out)
+
+    def mine(self) -> list:
+        return [r for r in self.rows if r.get("eval_id") == self.set["eval_id"]]
 
     def start(self, run, model):
-        """Evaluate the init and the finished tasks without a row on this eval set (resume, another --ucmerced)."""
-        have = {r["task"] for r in self.rows
-                if r.get("eval_set") == self.source and (r.get("rec_loss") or not self.reconstructions)}
+        """Evaluate the init and the finished tasks without a row on this evaluation set (resume, another set)."""
+        have = {r["task"] for r in self.mine() if r.get("rec_loss") or not self.reconstructions}
         if 0 not in have:
             self.evaluate(run, 0, "init", model)
         for t, name, path, *_ in run.finished:
@@ -232,7 +205,7 @@ class Evaluation:
                 self.evaluate(run, t, name, done)
 
     def task_end(self, run, t, model):
-        self.evaluate(run, t, self.cfg.tasks[t - 1], model)
+        self.evaluate(run, t, rs_data.task_name(self.cfg.tasks[t - 1]), model)
 
     def evaluate(self, run, t: int, name: str, model):
         if not run.main:
@@ -241,18 +214,18 @@ class Evaluation:
         row, panels = evaluation_row(self.data, lambda x: extract_features(model, x, cfg.pool, cfg.device, cfg.amp),
                                      lambda x: reconstruct(model, x, cfg.mask_ratio, cfg.device, cfg.amp),
                                      cfg.mlknn_count_self)
-        row = dict(task=t, name=name, eval_set=self.source, **row)
-        row["rec_loss"] = row["rec_loss"] or None  # none computed: no task data (python eval_mlknn.py RUN ...)
-        if panels:  # synthetic sensors: the band that holds the scene, in grey
-            panels = [panel_view(p, task_band(n)) for p, n in zip(panels, cfg.tasks)]
-            save_picture(run.out / f"reconstructions_T{t}.png", panels)
-        keep = [r for r in self.rows if (r.get("eval_set"), r["task"]) != (self.source, t)]  # a row replaced
-        self.rows = sorted(keep + [row], key=lambda r: (r.get("eval_set", ""), r["task"]))
+        row = dict(task=t, name=name, **self.set, **row)
+        if panels:  # a row per task (synthetic sensors: the band in grey), enlarged to ~256 px high
+            panels = [panel_view(p, n) for p, n in zip(panels, cfg.tasks)]
+            width = max(p.shape[1] for p in panels)  # a task with fewer held-out tiles: its row padded with black
+            arr = np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0))) for p in panels], 0)
+            img = Image.fromarray(draw.upscale(arr, max(1, 256 // panels[0].shape[0])))
+            atomic_write(run.out / f"reconstructions_T{t}.png", lambda tmp: img.save(tmp, format="PNG"))
+        self.rows = [r for r in self.rows if (r.get("eval_id"), r["task"]) != (self.set["eval_id"], t)] + [row]
+        self.rows.sort(key=lambda r: (r.get("eval_set", ""), r["task"]))
         run.write("eval.json", self.rows)
-        reports.write_run_pictures(run.out, cfg.tasks, [r for r in self.rows if r.get("eval_set") == self.source],
-                                   cfg.method)
-        per = " ".join(f"{v:.1f}" for v in row["per_task"] or [])
-        rec = " ".join(f"{v:.3f}" for v in row["rec_loss"] or [])
+        reports.write_run_pictures(run.out, cfg.tasks, self.mine(), cfg.method)
+        per, rec = (" ".join(f"{v:{f}}" for v in row[k] or []) for k, f in (("per_task", ".1f"), ("rec_loss", ".3f")))
         print(f"eval after {name} ({time.time() - t0:.0f}s): micro mAP {row['micro']:.2f} (of 0/1 decisions "
               f"{row['micro_binary']:.2f})" + (f" | per task {per}" if per else "")
               + (f" | Eq. (1) per task {rec}" if rec else ""), flush=True)
@@ -261,26 +234,28 @@ class Evaluation:
         """The tables of the run; final average mAP, forgetting and BWT into summary.json."""
         if not run.main:
             return
-        rows = [r for r in self.rows if r.get("eval_set") == self.source]
-        result = dict(label=self.cfg.method, tasks=self.cfg.tasks, rows=rows, eval_set=self.source,
+        result = dict(label=self.cfg.method, tasks=self.cfg.tasks, rows=self.mine(), eval_set=self.set["eval_set"],
                       train_seconds=run.summary.get("train_seconds"))
         print(reports.report([result], K))
-        if shown := [n for n in ("reconstructions.png", "accuracy_matrix.png", "reconstruction_matrix.png")
+        if shown := [n for n in ("reconstructions.png", "matrices.png")
                      if (run.out / n).exists()]:
-            print(f"\npictures in {run.out}: {', '.join(shown)} (every task after every task; A and R as heat "
-                  "maps), reconstructions_T<t>.png (each evaluation)")
+            print(f"\npictures in {run.out}: {', '.join(shown)}, reconstructions_T<t>.png (each evaluation)")
         if reports.has_matrix(result):
-            run.summary.update(reports.forgetting_bwt([r["per_task"] for r in rows]))
+            run.summary.update(reports.forgetting_bwt([r["per_task"] for r in result["rows"]]))
             run.write("summary.json", run.summary)
 
 
 def read_rows(out) -> list:
     """eval.json of a run folder ([] when absent); corrupt or of the wrong shape: one line, exit 2."""
     path, todo = Path(out) / "eval.json", "delete it and evaluate again"
-    rows = rs_data.read_json(path, object, f"{todo} (rerun the run's command, or python eval_mlknn.py RUN "
-                                           "--ucmerced DIR)") if path.exists() else []
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("task"), int) for r in rows):
-        raise DataError(f"{path}: expected a JSON list of rows, each with a 'task' number; {todo}")
+    rows = rs_data.read_json(path, list, f"{todo} (rerun the run's command, or python eval_mlknn.py RUN "
+                                         "--ucmerced DIR)") if path.exists() else []
+    for r in rows:
+        if not isinstance(r, dict) or not isinstance(r.get("task"), int) or \
+                not all(isinstance(r.get(k, 0.0), (int, float)) for k in reports.KINDS) or \
+                not all(isinstance(r.get(k), (list, type(None))) for k in ("per_task", "rec_loss")):
+            raise DataError(f"{path}: expected a JSON list of rows, each with a 'task' number and mAP numbers; "
+                            f"got {str(r)[:80]}; {todo}")
     return rows
 
 
@@ -302,35 +277,32 @@ def run_folders(paths: list) -> list:
 def read_config(run_dir: Path) -> dict:
     if not (run_dir / "config.json").exists():
         raise DataError(f"{run_dir} is not a run folder of cosmae.py or baselines.py (no config.json)")
-    return rs_data.read_json(run_dir / "config.json", dict, "rerun the run's command to rewrite it")
+    config = rs_data.read_json(run_dir / "config.json", dict, "rerun the run's command to rewrite it")
+    if not isinstance(config.get("tasks"), list) or not isinstance(config.get("method"), str):
+        raise DataError(f"{run_dir / 'config.json'}: no 'method' and 'tasks'; rerun the run's command to rewrite it")
+    return config
 
 
 def load_run(run_dir, not_training=()) -> list:
-    """A run folder → an entry per evaluation set in its eval.json: {'label', 'tasks', 'rows', 'eval_set',
-    'train_seconds', 'config' (without `not_training` and the seed), 'folder'}; the label names the method and the
-    Table I switches turned off."""
+    """A run folder → an entry per evaluation set in its eval.json: {'label' (the method and the Table I switches off),
+    'tasks', 'rows', 'eval_set', 'eval_id', 'train_seconds', 'config' (without `not_training`, seed), 'folder'}."""
     run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    if not isinstance(config.get("tasks"), list) or not isinstance(config.get("method"), str):
-        raise DataError(f"{run_dir / 'config.json'}: no 'method' and 'tasks'; rerun the run's command to rewrite it")
-    rows = read_rows(run_dir)
+    config, rows = read_config(run_dir), read_rows(run_dir)
     if not rows:
         raise DataError(f"{run_dir} has no evaluation yet (no eval.json): rerun its command with --eval, or evaluate "
                         f"its checkpoints on UCMerced: python eval_mlknn.py {run_dir} --ucmerced DIR")
     summary = rs_data.read_json(run_dir / "summary.json", dict) if (run_dir / "summary.json").exists() else {}
-    label = config["method"]
-    if config["method"] == "cosmae":
-        off = [n for n in ("data_mixup", "model_mixup") if not config.get(n, True)]
-        label += "".join(f" --no-{n.replace('_', '-')}" for n in off)
-    training = {k: v for k, v in config.items() if k not in (*not_training, "seed")}
-    return [dict(label=label, tasks=config["tasks"], rows=sorted(rs, key=lambda r: r["task"]), eval_set=s,
+    off = [n for n in ("data_mixup", "model_mixup") if config["method"] == "cosmae" and not config.get(n, True)]
+    label = config["method"] + "".join(f" --no-{n.replace('_', '-')}" for n in off)
+    training = {k: v for k, v in config.items() if k not in (*not_training, "seed", "threads")}
+    sets = reports.group_runs(rows, lambda r: (r.get("eval_set", "?"), r.get("eval_id")))
+    return [dict(label=label, tasks=config["tasks"], rows=sorted(rs, key=lambda r: r["task"]), eval_set=s, eval_id=i,
                  train_seconds=summary.get("train_seconds"), folder=run_dir, config=training)
-            for s, rs in reports.group_runs(rows, lambda r: r.get("eval_set", "?")).items()]
+            for (s, i), rs in sets.items()]
 
 
-def evaluate_runs(cosmae, folders: list, ucmerced: str, device: str):
-    """The init and every finished task of each run on UCMerced into its eval.json, under the run's lock (the
-    training data need not be there: no R). cosmae: the module, imported by command()."""
+def evaluate_runs(cosmae, folders: list, ucmerced: str, device: str) -> str:
+    """The init and every finished task of each run on UCMerced into its eval.json, under its lock → the set's id."""
     for folder in folders:
         config, names = read_config(folder), {f.name for f in dataclasses.fields(cosmae.Config)}
         cfg = cosmae.resolve(cosmae.Config(**{k: v for k, v in config.items() if k in names and k != "device"},
@@ -342,13 +314,14 @@ def evaluate_runs(cosmae, folders: list, ucmerced: str, device: str):
                 runner.load_init(model, cfg.init)
             ev = Evaluation(cfg, reconstructions=False)
             ev.prepare(run, model)
-            print(f"{folder}: evaluating the init and {len(run.finished)} task checkpoint(s) on {ev.source}")
+            todo = [t for t in (0, *(f[0] for f in run.finished)) if t not in {r["task"] for r in ev.mine()}]
+            print(f"{folder}: {len(todo)} of {len(run.finished) + 1} points to evaluate on {ev.set['eval_set']}")
             ev.start(run, model)
+    return ev.set["eval_id"]
 
 
-def evaluate_checkpoint(cosmae, path: str, model_name: str, ucmerced: str, device: str) -> list:
-    """ML-kNN on UCMerced of one encoder: a checkpoint (this project's, or facebookresearch/mae's
-    mae_pretrain_vit_base.pth) or, path '', the random init of `model_name` → a table row."""
+def evaluate_checkpoint(cosmae, path: str, model_name: str, ucmerced: str, device: str, sets: dict) -> list:
+    """ML-kNN on UCMerced of a checkpoint (ours or MAE's mae_pretrain_vit_base.pth) or, path '', a random init."""
     ck = runner.load_checkpoint(path, "check the path") if path else {}
     settings = ck.get("settings") if isinstance(ck.get("settings"), dict) else {}
     name = settings.get("model") or model_name
@@ -358,7 +331,9 @@ def evaluate_checkpoint(cosmae, path: str, model_name: str, ucmerced: str, devic
     model = cosmae.build_model(cfg).to(cfg.device)
     if path:
         runner.load_init(model, path, what="checkpoint")
-    data = rs_data.ucmerced_splits(ucmerced)
+    if "main" not in sets:  # read after the checks
+        sets["main"] = rs_data.ucmerced_splits(ucmerced)
+    data = sets["main"]
     f = [extract_features(model, data[s][0], cfg.pool, cfg.device, cfg.amp) for s in ("train", "test")]
     row = evaluate_features(f[0], data["train"][1], f[1], data["test"][1])
     return [Path(path).name if path else f"{name} (random init, seed {cfg.seed})"] + \
@@ -368,62 +343,56 @@ def evaluate_checkpoint(cosmae, path: str, model_name: str, ucmerced: str, devic
 def command(args):
     """The work of the command line (main parses it)."""
     import cosmae  # the command line only: the encoder is cosmae.py's MAE
-    if args.table_out:  # checked before the work
-        out = Path(args.table_out)
-        if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK) or \
-                (out.exists() and not os.access(out, os.W_OK)):
-            raise DataError(f"--table-out {out}: cannot write a file there; name a file in a writable folder")
+    out, figures = Path(args.table_out), Path(args.figures)  # checked before any work: never over a run's own files
+    if args.table_out and (out.parent / "config.json").exists() and out.suffix != ".md":
+        raise DataError(f"--table-out {out}: a file of the run folder {out.parent}; name a .md file or another folder")
+    if args.table_out and (out.is_dir() or not out.parent.is_dir() or not rs_data.writable(out.parent)):
+        raise DataError(f"--table-out {out}: cannot write a file there; name a file in a writable folder")
+    if args.figures and (figures.is_file() or [*figures.glob("config.json"), *figures.glob("seed*/config.json")]):
+        raise DataError(f"--figures {figures} is a run folder or a file; name a folder for the pictures")
     device = str(runner.resolve_device(args.device))
     files = [x for x in args.paths if Path(x).is_file()]
     if args.figures and (files or not args.paths):
         raise DataError("--figures draws run folders: name run folders, not checkpoint files")
-    if args.figures and (Path(args.figures).exists() and not Path(args.figures).is_dir()):
-        raise DataError(f"--figures {args.figures} is a file; name a folder")
     pictures = ""
     if files or not args.paths:
         if not args.ucmerced:
             raise DataError("scoring a checkpoint (or a random init) needs --ucmerced DIR")
-        rows = [evaluate_checkpoint(cosmae, f, args.model, args.ucmerced, device) for f in files or [""]]
-        text = reports.markdown(["encoder"] + list(reports.KINDS.values()), rows,
-                                f"mAP (%) of ML-kNN (k={K}) on {UCMERCED}:") + "\n" + reports.STAR
+        sets = {}
+        rows = [evaluate_checkpoint(cosmae, f, args.model, args.ucmerced, device, sets) for f in files or [""]]
+        text = reports.markdown(["encoder"] + list(reports.KINDS.values()), rows, f"mAP (%) of ML-kNN (k={K}) on "
+                                f"{set_identity(sets['main'], args.ucmerced)['eval_set']}:") + "\n" + reports.STAR
     else:
         folders = run_folders(args.paths)
-        if args.ucmerced:
-            evaluate_runs(cosmae, folders, args.ucmerced, device)
+        named = evaluate_runs(cosmae, folders, args.ucmerced, device) if args.ucmerced else None
         not_training = [f.name for f in dataclasses.fields(cosmae.Config) if not f.metadata.get("training", True)]
-        runs = [entry for f in folders for entry in load_run(f, not_training)]
-        for group in reports.group_runs(runs).values():  # one label, several settings: tell them apart by folder
-            if any(r["config"] != group[0]["config"] for r in group):
-                for r in group:  # OUT/seed<s> folders of --seeds are named by OUT
-                    f = r["folder"]
-                    r["label"] += f" ({f.parent.name if f.name.startswith('seed') else f.name})"
+        runs = [e for f in folders for e in load_run(f, not_training) if named in (None, e["eval_id"])]
+        for group in reports.group_runs(runs).values():  # one label, several settings: name the settings that differ
+            differ = sorted({k for r in group for k in {*r["config"], *group[0]["config"]}
+                             if r["config"].get(k) != group[0]["config"].get(k)})
+            for r in group if differ else []:
+                r["label"] += " (" + ", ".join(f"{k}={r['config'].get(k)}" for k in differ) + ")"
         text = reports.report_all(runs, K)
         if args.figures:
-            drawn = reports.write_figures(runs, Path(args.figures))
-            none = "none (no A, R or reconstruction in these runs' evaluations)"
-            pictures = "\npictures: " + (", ".join(map(str, drawn)) or none)
+            drawn = reports.write_figures(runs, figures)
+            pictures = "\npictures: " + (", ".join(map(str, drawn)) or "none (no A, R or reconstructions in the runs)")
     print(text + pictures)
     if args.table_out:
         atomic_write(Path(args.table_out), lambda tmp: tmp.write_text(text + "\n"))
 
 
 def main(argv=None) -> None:
-    p = runner.ArgumentParser(description="Tables of CoSMAE runs (Table II layout, both mAP kinds, accuracy and "
-                                "reconstruction matrices, forgetting, BWT; mean ± std over seeds), and the ML-kNN "
-                                "evaluation on UCMerced of the checkpoints of runs or of one checkpoint.",
-                                formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("paths", nargs="*", help="run folders (cosmae.py --out; a --seeds folder = its seed folders), or "
-                   "checkpoint files (.pt/.pth)")
-    p.add_argument("--ucmerced", default="", help="UCMerced_LandUse folder: evaluate the init and every task "
-                   "checkpoint of the runs (or the checkpoint files) on it")
-    p.add_argument("--model", default="vit_base", help="the encoder of a checkpoint that does not record it (e.g. "
-                   "mae_pretrain_vit_base.pth); alone with --ucmerced: score its random init")
+    p = runner.ArgumentParser(description="Tables and pictures of CoSMAE runs (mean ± std over seeds), and the ML-kNN "
+                              "evaluation on UCMerced of the checkpoints of runs or of one checkpoint.")
+    p.add_argument("paths", nargs="*", help="run folders (a --seeds folder: its seed folders), or checkpoint files")
+    p.add_argument("--ucmerced", default="", help="UCMerced folder: score the runs' checkpoints (or the files) on it")
+    p.add_argument("--model", default="vit_base", help="a checkpoint's encoder if it does not say; alone: random init")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--table-out", default="", help="also write the tables to this markdown file")
-    p.add_argument("--figures", default="", metavar="DIR", help="also draw the runs (each label averaged over its "
-                   "seeds) into DIR: matrices.png (A and R\nas heat maps, a row per label) and reconstructions.png "
-                   "(every task after the last task, a column per label)")
-    runner.cli(command, p.parse_args(argv))
+    p.add_argument("--figures", default="", metavar="DIR", help="also draw the runs into DIR: matrices.png (mean A "
+                   "and R, a row per label), reconstructions.png (a column per label)")
+    runner.cli(command, p.parse_args(argv), interrupted="eval_mlknn: interrupted (the rows written so far are kept; "
+               "rerun the command to evaluate the rest)")
 
 
 if __name__ == "__main__":

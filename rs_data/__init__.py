@@ -1,25 +1,17 @@
-"""CoSMAE's data: each task is a uint8 array of RGB tiles [n, 3, S, S], synthetic or read from the paper's datasets'
-official layouts (US3D, UAVid, Potsdam, TreeSatAI; UCMerced to evaluate) into a memory-mapped tile cache."""
+"""CoSMAE's data: uint8 RGB tiles [n, 3, S, S] per task: synthetic, or real datasets and folders via a tile cache."""
 from __future__ import annotations
 
 import errno
 import functools
 import hashlib
 import json
-import logging.handlers
 import math
 import os
-import secrets
 import shutil
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-
-try:
-    import fcntl  # the tile cache's build lock (POSIX); without it two builds of one cache just both work
-except ImportError:
-    fcntl = None
 
 import numpy as np
 import torch
@@ -35,8 +27,6 @@ def read_json(path, kind, todo: str = ""):
     path, todo = Path(path), f"; {todo}" if todo else ""
     try:
         obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file{todo}") from None
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}{todo}") from None
     except ValueError as e:  # not JSON, or not text
@@ -46,10 +36,8 @@ def read_json(path, kind, todo: str = ""):
     return obj
 
 
-DATA_SEED = 0  # which patches and splits are drawn, the same in every run (--seed varies model, order, augmentation)
-
-
 # --- the built-in synthetic default -----------------------------------------------------------------------
+DATA_SEED = 0  # which patches and splits are drawn, the same in every run (--seed varies model, order, augmentation)
 SYNTH_LABELS = ("building", "road", "tree", "water", "car")
 SYNTH_DOMAINS = {  # ground colour, sensor tint, object scale, P(element present) for SYNTH_LABELS
     "synth_city": dict(ground=(125, 120, 112), tint=(1.0, 1.0, 1.05), scale=0.8, p=(0.8, 0.7, 0.4, 0.3, 0.6)),
@@ -57,6 +45,10 @@ SYNTH_DOMAINS = {  # ground colour, sensor tint, object scale, P(element present
     "synth_forest": dict(ground=(78, 100, 55), tint=(0.9, 1.05, 0.95), scale=1.0, p=(0.3, 0.4, 0.9, 0.4, 0.3)),
     "synth_coast": dict(ground=(205, 188, 140), tint=(1.0, 1.0, 1.1), scale=1.5, p=(0.5, 0.4, 0.3, 0.8, 0.4)),
 }
+SENSOR_NOISE = 140.0  # std of the sensors' noise, in grey levels
+SYNTH_TASKS = {"synth_pan": None, "synth_red": 0, "synth_green": 1, "synth_blue": 2}  # sensor → its band (None: all)
+SYNTH_EVAL = dict(own=1000, train=1000, test=800)  # images: per task and split of its own set; the multi-label set
+REC_TILES = 512  # held-out tiles per task for the reconstruction matrix R
 
 
 def synth_image(rng: np.random.Generator, size: int, ground, tint, scale: float, p, jitter: float = 0.5,
@@ -108,14 +100,8 @@ def synth_image(rng: np.random.Generator, size: int, ground, tint, scale: float,
     return np.clip(img, 0, 255).astype(np.uint8), present.astype(np.uint8)
 
 
-SENSOR_NOISE = 140.0  # std of the sensors' noise, in grey levels
-# the synthetic default: the scenes seen by four sensors in turn → the band that holds the scene (None: all three)
-SYNTH_TASKS = {"synth_pan": None, "synth_red": 0, "synth_green": 1, "synth_blue": 2}
-
-
 def sense(brightness: np.ndarray, band, rng: np.random.Generator, noise: float = SENSOR_NOISE) -> np.ndarray:
-    """Scenes [n, S, S] (0-255) → uint8 [n, 3, S, S]: brightness in `band`, grey + noise in the others (None: all
-    three bands, plus zero-mean colour noise)."""
+    """Scenes [n, S, S] → uint8 [n, 3, S, S]: the scene in `band`, noise in the others (None: all, + colour noise)."""
     e = rng.normal(0, noise, (len(brightness), 3, *brightness.shape[1:])).astype(np.float32)
     if band is None:
         out = brightness[:, None] + (e - e.mean(1, keepdims=True)) * np.sqrt(1.5)
@@ -142,16 +128,6 @@ def synth_task(name: str, n: int, size: int, seed: int) -> tuple:
     return sense(brightness, SYNTH_TASKS[name], np.random.default_rng([seed, k, 77])), labels
 
 
-SYNTH_EVAL = dict(own=1000, train=1000, test=800)  # images: per task and split of its own set; the multi-label set
-
-
-def synth_task_eval(name: str, size: int) -> dict:
-    """A task's own labelled set, never trained on: {'train', 'test'}: (tiles, labels), SYNTH_EVAL['own'] each."""
-    n = SYNTH_EVAL["own"]
-    x, y = synth_task(name, 2 * n, size, DATA_SEED + 1000)
-    return {"train": (x[:n], y[:n]), "test": (x[n:], y[n:])}
-
-
 def synthetic_eval_set(size: int, tasks=None) -> dict:
     """The synthetic multi-label set, UCMerced-sized splits (SYNTH_EVAL): the given tasks' tiles in turn."""
     n_train, n_test = SYNTH_EVAL["train"], SYNTH_EVAL["test"]
@@ -162,23 +138,35 @@ def synthetic_eval_set(size: int, tasks=None) -> dict:
     return {"train": (x[:n_train], y[:n_train]), "test": (x[n_train:], y[n_train:]), "labels": list(SYNTH_LABELS)}
 
 
-REC_TILES = 512  # held-out tiles per task for the reconstruction matrix R
-
-
 def tile_size(tasks: list, img_size: int) -> int:
-    """Raw tile side S: 256 for the real datasets; for synthetic tasks the same S/img ratio as 256/224."""
-    return PATCH if tasks[0] in REAL_TASKS else round(img_size * PATCH / 224)
+    """Raw tile side S: 256 for real images; for synthetic tasks the same S/img ratio as 256/224."""
+    return PATCH if tasks[0] not in SYNTH_TASKS else round(img_size * PATCH / 224)
+
+
+def task_arg(value: str) -> str:
+    """--tasks: a synthetic or real task name, or a folder of images (its absolute path); argparse's type."""
+    if value in SYNTH_TASKS or value in REAL_TASKS:
+        return value
+    if not os.path.isdir(value):
+        import argparse
+        raise argparse.ArgumentTypeError(f"{value!r}: not a task ({', '.join([*SYNTH_TASKS, *REAL_TASKS])}) or folder")
+    return str(Path(value).resolve())
+
+
+def task_name(task: str) -> str:  # a folder task: its folder's name
+    return Path(task).name if task not in SYNTH_TASKS and task not in REAL_TASKS else task
 
 
 def evaluation_sets(tasks: list, size: int, ucmerced="", data_root="data", cache_dir="", treesat_resize=False) -> dict:
-    """main: the multi-label set; own: each synthetic task's own labelled set (matrix A); held_out: each task's
-    REC_TILES held-out tiles (matrix R): its own 'test', or a fixed subset of its val split."""
-    synth = [t for t in tasks if t in SYNTH_TASKS]
+    """main: the multi-label set; own: each synthetic task's own labelled set (A); held_out: REC_TILES per task (R)."""
+    synth, n = [t for t in tasks if t in SYNTH_TASKS], SYNTH_EVAL["own"]
     main = ucmerced_splits(ucmerced, cache_dir) if ucmerced else synthetic_eval_set(size, synth or None)
-    own, held_out = [synth_task_eval(t, size) if t in SYNTH_TASKS else None for t in tasks], []
-    for t, o in zip(tasks, own):
-        if o is not None:
-            held_out.append(o["test"][0][:REC_TILES])
+    own, held_out = [None] * len(tasks), []
+    for j, t in enumerate(tasks):
+        if t in SYNTH_TASKS:  # its own labelled set, never trained on: train and test halves of n
+            x, y = synth_task(t, 2 * n, size, DATA_SEED + 1000)
+            own[j] = {"train": (x[:n], y[:n]), "test": (x[n:], y[n:])}
+            held_out.append(x[n:][:REC_TILES])
         else:  # a fixed random subset of the val split, in its stored order
             tiles = task_tiles(t, data_root, "val", cache_dir, treesat_resize=treesat_resize)
             pick = np.random.default_rng([DATA_SEED, 11]).permutation(len(tiles))[:REC_TILES]
@@ -186,216 +174,166 @@ def evaluation_sets(tasks: list, size: int, ucmerced="", data_root="data", cache
     return dict(main=main, own=own if all(own) else None, held_out=held_out)
 
 
-# --- real datasets: official layouts → non-overlapping 256×256 patches (TreeSatAI: the centre one) -----------
+# --- real images: official layouts or a folder → non-overlapping 256×256 patches (TreeSatAI: the centre one) ------
 REAL_TASKS = ("us3d", "uavid", "potsdam", "treesat")
 PAPER_COUNTS = {"us3d": (21081, 3072), "uavid": (24560, 8640), "potsdam": (15870, 1058), "treesat": (15000, 1000)}
 DATASETS = {  # folder names under --data-root, the files looked for, where to get the data
-    "us3d": (("US3D", "us3d", "DFC2019", "dfc2019"), "JAX_*_RGB.tif (uint8, 3 bands) or JAX_*_MSI.tif (uint16, "
-             "8 bands) 1024×1024 tiles; validation tiles in a folder whose name contains 'val'",
-             "US3D / 2019 IEEE GRSS Data Fusion Contest track data (IEEE DataPort)"),
+    "us3d": (("US3D", "us3d", "DFC2019", "dfc2019"), "JAX_*_RGB.tif or JAX_*_MSI.tif (val: *val* folder)", "DFC 2019"),
     "uavid": (("UAVid", "uavid"), "uavid_train/seqN/Images/*.png and uavid_val/seqN/Images/*.png", "uavid.nl"),
-    "potsdam": (("Potsdam", "potsdam", "ISPRS_Potsdam"), "4_Ortho_RGBIR/top_potsdam_*_RGBIR.tif (R,G,B,IR) or "
-                "2_Ortho_RGB/top_potsdam_*_RGB.tif, 6000×6000", "ISPRS 2D semantic labelling, Potsdam"),
-    "treesat": (("TreeSatAI", "treesat", "TreeSat"), "aerial/60m/*.tif, 304×304, IR,G,B,R", "TreeSatAI (Zenodo)"),
+    "potsdam": (("Potsdam", "potsdam", "ISPRS_Potsdam"), "4_Ortho_RGBIR/*_RGBIR.tif or 2_Ortho_RGB/*_RGB.tif", "ISPRS"),
+    "treesat": (("TreeSatAI", "treesat", "TreeSat"), "aerial/60m/*.tif (IR,G,B,R)", "TreeSatAI (Zenodo)"),
 }
 PATCH = 256
-
-
-def find_dataset(name: str, data_root) -> Path:
-    names, layout, source = DATASETS[name]
-    for n in names:
-        if (Path(data_root) / n).is_dir():
-            return Path(data_root) / n
-    raise DataError(f"{name}: no folder {' or '.join(str(Path(data_root) / n) for n in names)}. Expected inside "
-                    f"it: {layout}. Get the data from: {source}; or point --data-root at the folder holding it.")
+PRINT = functools.partial(print, flush=True)  # the default log
+DISK_TODO = "free space (or choose another folder) and rerun"
+PIL_SUFFIXES, IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg"), (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 def broken(path: Path, why: str) -> DataError:
-    return DataError(f"cannot read {path}: truncated or corrupt ({why}); re-copy it or remove it from the folder")
+    return DataError(f"cannot read {path}: {why}; re-copy or remove it (LZW/JPEG TIFFs need: pip install imagecodecs)")
 
 
 @contextmanager
 def image_errors(path: Path):
-    """Any error reading an image → one line naming it: the OS's reason, the missing codec, else broken()."""
     try:
         yield
     except DataError:
         raise
     except Exception as e:
-        what = f"{type(e).__name__}: {str(e)[:160]}"
         if isinstance(e, OSError) and e.errno is not None:
-            raise DataError(f"cannot read {path}: {e.strerror or what}") from None
-        if "imagecodecs" in str(e):
-            raise DataError(f"cannot read {path}: {what} (LZW/JPEG TIFFs need: pip install imagecodecs)") from None
-        raise broken(path, what) from None
+            raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+        raise broken(path, f"{type(e).__name__}: {str(e)[:160]}") from None
 
 
-def read_tiff(path: Path, pixels: bool):
-    """A TIFF's pixels, or (shape, dtype) from its header; data past the end or an ERROR tifffile logs: broken."""
-    import tifffile
-    errors = logging.handlers.BufferingHandler(10_000)
-    errors.setLevel(logging.ERROR)
-    logging.getLogger("tifffile").addHandler(errors)
-    try:
-        with image_errors(path), tifffile.TiffFile(path) as tif:
-            end, series = tif.filehandle.size, tif.series[0]
-            for page in tif.pages:
-                for o, n in zip(page.dataoffsets, page.databytecounts):
-                    if n and o + n > end:  # byte count 0: an empty tile, not an error
-                        raise broken(path, f"page {page.index} needs {o + n} bytes, the file has {end}")
-            out = tif.asarray() if pixels and not errors.buffer else (tuple(series.shape), series.dtype)
-    finally:
-        logging.getLogger("tifffile").removeHandler(errors)
-    if errors.buffer:
-        raise broken(path, f"tifffile: {errors.buffer[0].getMessage()[:120]}")
-    return out
-
-
-def check_bands(path: Path, shape: tuple, dtype, n_bands: int, bits: int):
-    """n_bands bands ([H, W, C] or [C, H, W]) of uint8 (bits 8) or uint16, else a DataError."""
-    if len(shape) != 3 or n_bands not in (shape[0], shape[-1]):
-        raise DataError(f"{path}: shape {tuple(shape)}, expected {n_bands} bands ([H, W, C] or [C, H, W])")
-    want = np.dtype(np.uint8 if bits == 8 else np.uint16)
-    if dtype != want:
-        raise DataError(f"{path}: dtype {dtype}, expected {want}")
-
-
-def image_size(path: Path, n_bands=None, bits=8) -> tuple:
-    """(H, W) from the header alone; a broken TIFF, or with n_bands one of other bands or dtype, is a DataError."""
-    if path.suffix.lower() == ".png":
-        from PIL import Image
-        with image_errors(path), Image.open(path) as im:
-            return im.height, im.width
-    s, dtype = read_tiff(path, pixels=False)
-    if n_bands is not None:
-        check_bands(path, s, dtype, n_bands, bits)
-    return (s[1], s[2]) if len(s) == 3 and s[0] < min(s[1], s[2]) else (s[0], s[1])
-
-
-def read_rgb(path: Path, bands=(0, 1, 2), n_bands=3, bits=8) -> np.ndarray:
-    """uint8 [3, H, W]: a PNG, or `bands` of an n_bands TIFF ([H, W, C] or [C, H, W]) of `bits` scaled to 8."""
-    if path.suffix.lower() == ".png":
-        return read_png(path)
-    a = read_tiff(path, pixels=True)
-    check_bands(path, a.shape, a.dtype, n_bands, bits)
-    a = a if a.shape[0] == n_bands and a.shape[-1] != n_bands else a.transpose(2, 0, 1)  # → [C, H, W]
-    rgb = a[list(bands)].astype(np.float32)
-    if bits == 8:
-        return rgb.astype(np.uint8)
-    return np.clip(rgb * (255 / (2 ** bits - 1)), 0, 255).round().astype(np.uint8)
-
-
-def read_png(path: Path) -> np.ndarray:
-    """uint8 [3, H, W]; 16 bits → round(v · 255 / 65535) (Pillow keeps the high byte); truncated: always an error."""
-    from PIL import Image, ImageFile
-    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
-    try:
-        with image_errors(path), Image.open(path) as im:
-            rawmode = im.tile[0][3] if im.tile else ""
-            if im.mode.startswith("I"):  # 16-bit grey: the values themselves
-                v = np.asarray(im).astype(np.float64)[None]
-            elif rawmode.endswith(";16B"):  # the low bytes: the same data decoded again, little-endian
-                low = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L", "LA;16B": "RGBA"}.get(rawmode)
-                if low is None:
-                    raise DataError(f"cannot read {path}: a 16-bit PNG (raw mode {rawmode!r}) that this Pillow "
-                                    "cannot read at 16 bits; convert it to an 8-bit PNG")
-                with Image.open(path) as again:
-                    again.tile = [(*t[:3], low) for t in again.tile]
-                    lo = np.asarray(again).astype(np.uint16)
-                if rawmode == "LA;16B":  # RGBA = L high, L low, A high, A low
-                    v = (lo[..., 0] << 8 | lo[..., 1]).astype(np.float64)[None]
-                else:
-                    v = (np.asarray(im).astype(np.uint16) << 8 | lo)[..., :3].transpose(2, 0, 1).astype(np.float64)
-            else:
+def read_rgb(path: Path, bands=(0, 1, 2), n_bands=3, bits=8, header=False):
+    """uint8 [3, H, W] of a PNG/JPEG (16 bits: scaled) or of a TIFF's `bands` in 8 bits; header: (H, W, 1 grey or 3)."""
+    if path.suffix.lower() in PIL_SUFFIXES:
+        from PIL import Image, ImageFile
+        truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # truncated: an error
+        try:
+            with image_errors(path), Image.open(path) as im:
+                if header:
+                    return im.height, im.width, 1 if Image.getmodebase(im.mode) == "L" else 3
+                if im.mode.startswith("I"):  # 16-bit grey: round(v · 255 / 65535)
+                    return np.repeat(np.round(np.asarray(im) * (255 / 65535)).astype(np.uint8)[None], 3, 0)
                 return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
-    out = np.round(v * (255 / 65535)).astype(np.uint8)
-    return np.repeat(out, 3, 0) if len(out) == 1 else out
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+    import tifffile
+    with image_errors(path), tifffile.TiffFile(path) as tif:  # a cut page chain: tifffile logs it, the shape is off
+        end, s, dtype = tif.filehandle.size, tuple(tif.series[0].shape), tif.series[0].dtype
+        for page in tif.pages:
+            for o, n in zip(page.dataoffsets, page.databytecounts):
+                if n and o + n > end:  # byte count 0: an empty tile, not an error
+                    raise broken(path, f"page {page.index} needs {o + n} bytes, the file has {end}")
+        a = tif.asarray() if not header and len(s) == 3 else None
+    if len(s) != 3 or n_bands not in (s[0], s[-1]):
+        raise DataError(f"{path}: shape {s}, expected {n_bands} bands ([H, W, C] or [C, H, W])")
+    if dtype != np.dtype(np.uint8 if bits == 8 else np.uint16):
+        raise DataError(f"{path}: dtype {dtype}, expected {np.dtype(np.uint8 if bits == 8 else np.uint16)}")
+    chw = s[0] == n_bands and s[-1] != n_bands
+    if header:
+        return (*s[1:], 3) if chw else (*s[:2], 3)
+    rgb = (a if chw else a.transpose(2, 0, 1))[list(bands)]  # [3, H, W]
+    if bits == 8:
+        return rgb
+    return np.clip(rgb.astype(np.float32) * (255 / (2 ** bits - 1)), 0, 255).round().astype(np.uint8)
 
 
 def split_files(name: str, folder: Path, seed: int) -> dict:
     """{'train': [paths], 'val': [paths], 'files': all, 'read': read_rgb's arguments}, by the official layout."""
-    rng, srt = np.random.default_rng([seed, 42]), lambda ps: sorted(ps, key=str)
+    rng, read = np.random.default_rng([seed, 42]), {}
     if name == "us3d":
-        files = srt(folder.rglob("*_RGB.tif")) or srt(folder.rglob("*_MSI.tif"))
+        files = sorted(folder.rglob("*_RGB.tif"), key=str) or sorted(folder.rglob("*_MSI.tif"), key=str)
         val = [p for p in files if "val" in str(p.parent.relative_to(folder)).lower()]
         train = [p for p in files if p not in val]
         if not val and len(train) > 1:  # one pool of tiles: hold out the paper's share of tiles for validation
             val = [train[i] for i in rng.permutation(len(train))[:max(1, round(len(train) * 3072 / 24153))]]
             train = [p for p in train if p not in val]
-        msi = bool(files) and files[0].name.endswith("_MSI.tif")
-        read = dict(bands=(4, 2, 1), n_bands=8, bits=11) if msi else {}
+        if files and files[0].name.endswith("_MSI.tif"):
+            read = dict(bands=(4, 2, 1), n_bands=8, bits=11)
     elif name == "uavid":
-        files = srt(folder.rglob("uavid_*/*/Images/*.png"))
+        files = sorted(folder.rglob("uavid_*/*/Images/*.png"), key=str)
         train, val = [p for p in files if "uavid_train" in p.parts], [p for p in files if "uavid_val" in p.parts]
-        read = {}
-    elif name == "potsdam":  # split by whole orthophotos: 1058 = 2×529 val, 15870 = 30×529 train patches
-        files = srt((folder / "4_Ortho_RGBIR").glob("*.tif")) or srt((folder / "2_Ortho_RGB").glob("*.tif"))
+    else:  # whole images drawn at random
+        if name == "potsdam":  # by orthophoto: 1058 = 2×529 val, 15870 = 30×529 train patches
+            files = sorted((folder / "4_Ortho_RGBIR").glob("*.tif")) or sorted((folder / "2_Ortho_RGB").glob("*.tif"))
+            n_val, n_train = 2 if len(files) >= 32 else int(len(files) >= 2), 30
+            read = dict(n_bands=4) if files and "RGBIR" in files[0].name else {}
+        else:  # treesat: IR,G,B,R → RGB = bands 3, 1, 2
+            files = sorted((folder / "aerial" / "60m").glob("*.tif"))
+            n_val, n_train = min(1000, max(int(len(files) >= 2), len(files) // 16)), len(files)
+            read = dict(bands=(3, 1, 2), n_bands=4)
         order = [files[i] for i in rng.permutation(len(files))]
-        n_val = 2 if len(files) >= 32 else int(len(files) >= 2)
-        val, train = order[:n_val], order[n_val:n_val + 30]
-        read = dict(n_bands=4) if files and "RGBIR" in files[0].name else {}
-    else:  # treesat: IR,G,B,R → RGB = bands 3, 1, 2; a random selection of whole images
-        files = srt((folder / "aerial" / "60m").glob("*.tif"))
-        order = [files[i] for i in rng.permutation(len(files))]
-        n_val = min(1000, max(int(len(files) >= 2), len(files) // 16))
-        val, train = order[:n_val], order[n_val:]
-        read = dict(bands=(3, 1, 2), n_bands=4)
+        val, train = order[:n_val], order[n_val:n_val + n_train]
     if not files:
         raise DataError(f"{name}: no images found in {folder}; expected {DATASETS[name][1]}")
     return dict(train=train, val=val, read=read, files=files)
 
 
-def patch_grid(name: str, h: int, w: int, resized: bool = False) -> list:
-    """Top-left corners of the non-overlapping 256×256 patches of an H×W image (TreeSatAI: the centre one)."""
-    if resized:
-        return [(0, 0)]
-    if name == "treesat":
-        return [((h - PATCH) // 2, (w - PATCH) // 2)] if min(h, w) >= PATCH else []
-    return [(r, c) for r in range(0, h - PATCH + 1, PATCH) for c in range(0, w - PATCH + 1, PATCH)]
-
-
-def task_tiles(name: str, data_root, split: str, cache_dir="", seed: int = DATA_SEED, log=None,
+def task_tiles(name: str, data_root, split: str, cache_dir="", seed: int = DATA_SEED, log=PRINT,
                treesat_resize: bool = False) -> np.ndarray:
-    """uint8 [N, 3, 256, 256] patches of split 'train' or 'val', memory-mapped from the tile cache; treesat_resize:
-    TreeSatAI's 304×304 images resized to 256×256 instead of cropped."""
-    log = log or (lambda msg: print(msg, flush=True))
-    if name not in DATASETS:
-        raise DataError(f"unknown task {name!r}; known: {list(DATASETS)}")
-    folder = find_dataset(name, data_root)
-    s = split_files(name, folder, seed)
-    files, want = s[split], PAPER_COUNTS[name][split == "val"]
+    """uint8 [N, 3, 256, 256] patches of split 'train' or 'val' of a real dataset or a folder, from the tile cache."""
+    if name in DATASETS:
+        names, layout, source = DATASETS[name]
+        folder = next((Path(data_root) / n for n in names if (Path(data_root) / n).is_dir()), None)
+        if folder is None:
+            raise DataError(f"{name}: no folder {' or '.join(str(Path(data_root) / n) for n in names)} (expected: "
+                            f"{layout}); get it from {source} or point --data-root at it")
+        s = split_files(name, folder, seed)
+        files, args, want, key = s[split], s["read"], PAPER_COUNTS[name][split == "val"], f"{name}_{split}"
+        dirs = cache_dirs(Path(data_root), cache_dir)
+    elif os.path.isdir(name):  # a folder task: every image under it; 1 in 10 patches held out as its 'val'
+        folder, args, want = Path(name), {}, None
+        files = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()), key=str)
+        if not files:
+            raise DataError(f"{folder}: no PNG, JPEG or TIFF image in it or its sub-folders: add RGB images")
+        key = f"{folder.name}-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}_{split}"
+        dirs = cache_dirs(folder, cache_dir)
+    else:
+        raise DataError(f"unknown task {name!r}; known: {list(DATASETS)}, or a folder of images")
     resize = name == "treesat" and treesat_resize
 
-    def select():  # the paper's count of patches, drawn at random from every patch of the split (headers only)
-        shape = dict(n_bands=s["read"].get("n_bands", 3), bits=s["read"].get("bits", 8))  # checked in the headers
-        cells = [(i, r, c) for i, p in enumerate(files) for r, c in patch_grid(name, *image_size(p, **shape), resize)]
-        if len(cells) < want:
-            log(f"{name} {split}: {len(cells)} patches found, the paper uses {want}: using {len(cells)}")
-        pick = np.sort(np.random.default_rng([seed, 7]).permutation(len(cells))[:want])
-        return [cells[i] for i in pick]
+    def select():  # the split's patches, drawn at random from every patch of its images (headers only)
+        heads = [read_rgb(p, **args, header=True) for p in files]
+        cells = []  # (image, row, col) of each non-overlapping patch; TreeSatAI: the centre one, or all of it resized
+        for i, (h, w, _) in enumerate(heads):
+            if name != "treesat":
+                cells += [(i, r, c) for r in range(0, h - PATCH + 1, PATCH) for c in range(0, w - PATCH + 1, PATCH)]
+            elif resize or min(h, w) >= PATCH:
+                cells.append((i, 0, 0) if resize else (i, (h - PATCH) // 2, (w - PATCH) // 2))
+        order = np.random.default_rng([seed, 7]).permutation(len(cells))
+        if want is not None:  # a real dataset: the paper's count
+            if len(cells) < want:
+                log(f"{name} {split}: {len(cells)} patches found, the paper uses {want}: using {len(cells)}")
+            return [cells[i] for i in np.sort(order[:want])]
+        for p, (h, w, _) in zip(files, heads):
+            if min(h, w) < PATCH:
+                raise DataError(f"{p}: {w}×{h} pixels; a folder task needs images of at least 256×256: remove it")
+        kinds = {c: p for p, (_, _, c) in zip(files, heads)}  # 1: grey, 3: colour
+        if len(kinds) > 1:
+            raise DataError(f"{folder}: grey and colour images mixed ({kinds[1]}, {kinds[3]}): make them all RGB")
+        if len(cells) < 2:
+            raise DataError(f"{folder}: one 256×256 patch; a folder task needs 2 or more (1 in 10 is held out)")
+        n_val = max(1, len(cells) // 10)
+        return [cells[i] for i in np.sort(order[:n_val] if split == "val" else order[n_val:])]
 
     def read(p):
-        img = read_rgb(p, **s["read"])
-        return resize_rgb(img, PATCH) if resize else img
+        return resize_rgb(read_rgb(p, **args)) if resize else read_rgb(p, **args)
 
-    return cached_tiles(cache_dirs(Path(data_root), cache_dir), f"{name}_{split}" + ("_resized" * resize), folder,
-                        files, seed, select, read, log)
+    return cached_tiles(dirs, key + "_resized" * resize, folder, files, seed, select, read, log)
 
 
-def resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [3, H, W] → [3, size, size], bilinear (unchanged when it is that size)."""
-    if img.shape[1:] == (size, size):
-        return img
+def resize_rgb(img: np.ndarray) -> np.ndarray:
     from PIL import Image
-    return np.asarray(Image.fromarray(img.transpose(1, 2, 0)).resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
+    return img if img.shape[1:] == (PATCH, PATCH) else np.asarray(
+        Image.fromarray(img.transpose(1, 2, 0)).resize((PATCH, PATCH), Image.BILINEAR)).transpose(2, 0, 1)
 
 
 def atomic_write(path: Path, write, todo: str = ""):
     """write(`<name>.<pid>.<random>.tmp`), then rename: never a half-written or leftover file; a full disk: one line."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         with disk_errors(path, todo or DISK_TODO):
             write(tmp)
@@ -404,42 +342,22 @@ def atomic_write(path: Path, write, todo: str = ""):
         tmp.unlink(missing_ok=True)
 
 
-DISK_TODO = "free space (or choose another folder) and rerun"
-SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}  # full, file too big, quota
-LOW_SPACE = 64 << 20  # bytes: below this, a write error without an errno is taken for a full disk
-
-
 @contextmanager
 def disk_errors(path, todo: str = DISK_TODO):
     """A full disk while writing `path` → one-line DataError (why; todo); every other error passes unchanged."""
-    path = Path(path)
     try:
         yield
     except (OSError, RuntimeError) as e:
-        why = out_of_space(e, path)
+        if isinstance(e, OSError) and e.errno is not None:  # a named error: about space or not
+            why = e.strerror if e.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", 0)) else None
+        else:  # no errno (numpy, torch): a full disk under `ulimit -f` or with under 64 MB free
+            import resource
+            free = shutil.disk_usage(Path(path).parent).free if Path(path).parent.is_dir() else 1 << 30
+            limited = resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
+            why = f"{free >> 20} MB free, {type(e).__name__}: {str(e)[:80]}" if limited or free < 64 << 20 else None
         if why is None:
             raise
         raise DataError(f"no space left on the device writing {path} ({why}); {todo}") from None
-
-
-def out_of_space(e: BaseException, path: Path):
-    """Why e is a full disk: ENOSPC, EDQUOT, EFBIG (`ulimit -f`), or no errno (np.save, torch.save's RuntimeError)
-    under a file size limit or with under LOW_SPACE free; else None."""
-    if isinstance(e, OSError) and e.errno in SPACE_ERRNOS:
-        return e.strerror or errno.errorcode.get(e.errno, str(e.errno))
-    if isinstance(e, OSError) and e.errno is not None:
-        return None  # a named error that is not about space (permissions, I/O, ...)
-    try:
-        import resource
-        if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
-            return f"file size limit (ulimit -f) reached: {type(e).__name__}: {str(e)[:80]}"
-    except (ImportError, OSError, ValueError):
-        pass
-    try:
-        free = shutil.disk_usage(next(p for p in (path.parent, *path.parents) if p.exists())).free
-    except (OSError, StopIteration):
-        return None
-    return f"{free >> 20} MB free after {type(e).__name__}: {str(e)[:80]}" if free < LOW_SPACE else None
 
 
 # --- from raw tiles to model input: augmentation (paper §III-B), normalisation, batches ---------------------
@@ -449,28 +367,23 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 @functools.cache
 def mean_std(device: torch.device) -> tuple:
-    """MEAN and STD on `device`, copied once (not a host sync in every step)."""
     return MEAN.to(device), STD.to(device)
 
 
 def to_device(a: np.ndarray, device) -> torch.Tensor:
-    """A host array on `device`, through pinned memory and non-blocking on a GPU."""
     t = torch.from_numpy(np.ascontiguousarray(a))
     return (t.pin_memory() if torch.device(device).type == "cuda" else t).to(device, non_blocking=True)
 
 
 def augment(tiles: torch.Tensor, size: int, gen: torch.Generator | None) -> torch.Tensor:
-    """uint8 [N, 3, S, S] → normalised float [N, 3, size, size]: a random resized crop (area 0.8-1, aspect 3/4-4/3)
-    and horizontal flip per sample; gen None: a plain resize (evaluation)."""
-    x = tiles.float().div_(255)
-    n = x.shape[0]
+    """uint8 [N, 3, S, S] → normalised [N, 3, size, size]: a random resized crop and flip each (gen None: resize)."""
+    x, n = tiles.float().div_(255), tiles.shape[0]
     if gen is None:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     else:
         u = torch.rand((n, 5), generator=gen, device=x.device)  # per sample: area, aspect, x, y, flip
         area, log_r = 0.8 + 0.2 * u[:, 0], math.log(3 / 4) + math.log(16 / 9) * u[:, 1]
-        w = (area * log_r.exp()).sqrt().clamp(max=1)  # crop width and height as fractions of the tile
-        h = (area / log_r.exp()).sqrt().clamp(max=1)
+        w, h = (area * log_r.exp()).sqrt().clamp(max=1), (area / log_r.exp()).sqrt().clamp(max=1)  # of the tile
         flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
         theta = torch.zeros(n, 2, 3, device=x.device)  # [N, 2, 3] output grid → input coordinates
         theta[:, 0, 0], theta[:, 1, 1] = w * flip, h
@@ -482,8 +395,7 @@ def augment(tiles: torch.Tensor, size: int, gen: torch.Generator | None) -> torc
 
 
 def batches(tiles, batch_size: int, rng: np.random.Generator, device, share=(0, 1)):
-    """One epoch of shuffled uint8 batches on `device` (drop_last), the next read ahead in a thread; share (i, n):
-    rows [i·B/n, (i+1)·B/n) of each batch (process i of n)."""
+    """An epoch of shuffled uint8 batches on `device` (drop_last, read ahead); share (i, n): process i's rows of n."""
     from concurrent.futures import ThreadPoolExecutor
     order, pin, n = rng.permutation(len(tiles)), torch.device(device).type == "cuda", len(tiles) // batch_size
     rows = slice(share[0] * batch_size // share[1], (share[0] + 1) * batch_size // share[1])
@@ -509,32 +421,31 @@ def cache_dirs(data_folder: Path, cache_dir: str = "") -> list:
     return [Path(data_folder) / ".cosmae_cache", user / f"{Path(data_folder).resolve().name}-{key}"]
 
 
-def writable(folder: Path) -> bool:
+def writable(folder: Path) -> bool:  # a file can be made in it (os.access says yes to root everywhere)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            return True
+        tempfile.TemporaryFile(dir=folder).close()
+        return True
     except OSError:
         return False
 
 
 def cached_tiles(dirs: list, key: str, root: Path, files: list, seed: int, select, read, log):
-    """`key.npy` [N, 3, 256, 256] + manifest `key.json` (files, sizes, mtimes, seed, shape): a valid one in `dirs`
-    used without a lock, else built in the first writable one under `key.lock` (a second process waits)."""
+    """`key.npy` [N, 3, 256, 256] + `key.json` (files, sizes, mtimes, seed, shape): a valid one, else built (locked)."""
+    gone = [p for p in files if not p.exists()]
+    if gone:
+        raise DataError(f"cannot read {gone[0]}: no such file (a dangling link?); fix or remove it")
     manifest = dict(version=1, seed=seed, files=[[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns]
                                                  for p in files])
-    found = find_cache(dirs, key, manifest, log)
-    if found is not None:
+    if (found := find_cache(dirs, key, manifest, log)) is not None:
         return found
     d = next((d for d in dirs if writable(d)), None)
     if d is None:
-        raise DataError(f"{key}: no writable place for the tile cache ({', '.join(map(str, dirs))}); name one "
-                        "with --cache-dir")
+        raise DataError(f"{key}: no writable place for the tile cache ({', '.join(map(str, dirs))}): use --cache-dir")
     npy, man = d / f"{key}.npy", d / f"{key}.json"
     todo = "free space, or name a folder on another disk with --cache-dir, and rerun"
     with disk_errors(npy, todo), cache_lock(d / f"{key}.lock", log):
-        found = find_cache(dirs, key, manifest, log)  # built by another process while this one waited
-        if found is not None:
+        if (found := find_cache(dirs, key, manifest, log)) is not None:  # built by another process meanwhile
             return found
         for stale in (*d.glob(f"{key}.npy.*tmp"), *d.glob(f"{key}.json.*tmp")):  # a killed build's
             stale.unlink(missing_ok=True)
@@ -542,9 +453,9 @@ def cached_tiles(dirs: list, key: str, root: Path, files: list, seed: int, selec
         cells = select()
         if not cells:
             raise DataError(f"{key}: no 256×256 patch in the {len(files)} images under {root}")
-        gb = len(cells) * 3 * PATCH * PATCH / 1e9
-        log(f"{key}: building the tile cache {npy} ({len(cells)} patches, {gb:.2f} GB)")
-        todo = f"the cache needs {f'{gb:.2f} GB' if gb >= 0.1 else f'{gb * 1e3:.1f} MB'}: {todo}"
+        mb = len(cells) * 3 * PATCH * PATCH / 1e6
+        log(f"{key}: building the tile cache {npy} ({len(cells)} patches, {mb:.1f} MB)")
+        todo = f"the cache needs {mb:.1f} MB: {todo}"
         atomic_write(npy, lambda tmp: fill_cache(tmp, cells, files, read, key, log), todo)
         manifest["shape"] = [len(cells), 3, PATCH, PATCH]
         atomic_write(man, lambda tmp: tmp.write_text(json.dumps(manifest)), todo)
@@ -552,53 +463,40 @@ def cached_tiles(dirs: list, key: str, root: Path, files: list, seed: int, selec
 
 
 def find_cache(dirs: list, key: str, manifest: dict, log):
-    """The first cache with this manifest and a whole uint8 .npy of its shape (none stored: any [N, 3, 256, 256])."""
+    """The first cache with this manifest and a whole uint8 .npy of the shape it records, else None."""
     for d in dirs:
         npy = d / f"{key}.npy"
         try:
             stored = read_json(d / f"{key}.json", dict)
-            shape = stored.pop("shape", None)
             x = np.load(npy, mmap_mode="r")  # a truncated .npy: ValueError
         except (DataError, OSError, ValueError):
             continue
-        if (stored == manifest and x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (3, PATCH, PATCH)
-                and len(x) and shape in (None, list(x.shape)) and npy.stat().st_size == x.offset + x.nbytes):
+        if stored == {**manifest, "shape": list(x.shape)} and x.dtype == np.uint8 and (
+                npy.stat().st_size == x.offset + x.nbytes):
             log(f"{key}: tile cache {npy}")
             return x
-    return None
 
 
 @contextmanager
 def cache_lock(path: Path, log):
-    """An exclusive flock on `path` while the block runs, the file removed before release (a waiter then locks
-    again); without flock (no fcntl, or a file system without it) the block runs unlocked."""
-    fd = None
-    while fcntl is not None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
+    """An exclusive flock on `path` for the block, the file removed before release; no flock: unlocked."""
+    while True:
+        with open(path, "a") as f:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                import fcntl
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 log(f"{path.name}: waiting for another process that builds this tile cache ({path})")
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.path.samestat(os.stat(path), os.fstat(fd)):
-                break
-        except FileNotFoundError:
-            pass  # removed by the process that held it: lock again
-        except OSError as e:
-            os.close(fd)
-            fd = None
-            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                path.unlink(missing_ok=True)  # flock not supported on this file system: unlocked
-                break
-            raise
-        os.close(fd)  # the file was removed (and maybe made again) by the process that held it: lock again
-    try:
-        yield
-    finally:
-        if fd is not None:
-            path.unlink(missing_ok=True)
-            os.close(fd)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except (ImportError, OSError) as e:
+                if getattr(e, "errno", 0) not in (0, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+            if os.fstat(f.fileno()).st_nlink:  # not a file its holder removed (then lock the new one)
+                try:
+                    yield
+                finally:
+                    path.unlink(missing_ok=True)
+                return
 
 
 def fill_cache(path: Path, cells: list, files: list, read, key: str, log):
@@ -608,22 +506,19 @@ def fill_cache(path: Path, cells: list, files: list, read, key: str, log):
         try:  # not on macOS, nor on every file system: there the writes into the map allocate
             os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         except (AttributeError, OSError) as e:
-            if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            if getattr(e, "errno", errno.ENOSYS) not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise
-        t0, by_file = time.time(), {}
+        t0, done, n_images = time.time(), 0, len({i for i, _, _ in cells})  # progress, ETA
         for n, (i, r, c) in enumerate(cells):
-            by_file.setdefault(i, []).append((n, r, c))
-        for done, (i, group) in enumerate(by_file.items(), 1):
-            img = read(files[i])  # [3, H, W]
-            for n, r, c in group:
-                patch = img[:, r:r + PATCH, c:c + PATCH]
-                if patch.shape != (3, PATCH, PATCH):  # fewer pixels than the header said
-                    raise broken(files[i], f"{img.shape[1]}×{img.shape[2]} pixels, fewer than its header said")
-                out[n] = patch
-            if done % 50 == 0 or done == len(by_file):
-                rate = done / (time.time() - t0)
-                log(f"{key}: caching {done}/{len(by_file)} images, {len(cells)} patches, {rate:.1f} img/s, "
-                    f"ETA {(len(by_file) - done) / rate:.0f} s")
+            if n == 0 or i != cells[n - 1][0]:  # the cells come grouped by image: each image is read once
+                img, done = read(files[i]), done + 1  # [3, H, W]
+                if done % 50 == 0 or done == n_images:
+                    eta = (time.time() - t0) * (n_images / done - 1)
+                    log(f"{key}: caching {done}/{n_images} images, ETA {eta:.0f} s")
+            patch = img[:, r:r + PATCH, c:c + PATCH]
+            if patch.shape != (3, PATCH, PATCH):  # fewer pixels than the header said
+                raise broken(files[i], f"{img.shape[1]}×{img.shape[2]} pixels, fewer than its header said")
+            out[n] = patch
         out.flush()
         os.fsync(f.fileno())
 
@@ -632,26 +527,23 @@ def fill_cache(path: Path, cells: list, files: list, read, key: str, log):
 MLKNN_K = 10  # ML-kNN's k (eval_mlknn.K, the paper's): the training split must hold more images than this
 
 
-def ucmerced_splits(folder, cache_dir="", seed: int = DATA_SEED, log=None, k: int = MLKNN_K) -> dict:
-    """UCMerced multi-label → {'train', 'val', 'test': (uint8 [n, 3, 256, 256], uint8 [n, 17]), 'labels'}:
-    1000/300/800 of every 2100 images, drawn with `seed`; images that are not 256×256 resized."""
-    folder, log = Path(folder), log or (lambda msg: print(msg, flush=True))
+def ucmerced_splits(folder, cache_dir="", seed: int = DATA_SEED, log=PRINT, k: int = MLKNN_K) -> dict:
+    """UCMerced multi-label → {train, val, test: (uint8 [n, 3, 256, 256], [n, 17]), labels}: 1000/300/800 of 2100."""
+    folder = Path(folder)
     found = sorted(folder.glob("LandUse_Multilabeled.txt")) + sorted(folder.glob("*/LandUse_Multilabeled.txt"))
     if not (folder / "Images").is_dir() or not found:
-        raise DataError(f"{folder}: expected Images/<class>/<class>NN.tif and LandUse_Multilabeled.txt (UC Merced "
-                        "Land Use images, multi-labels of Chaudhuri et al. 2018)")
+        raise DataError(f"{folder}: expected Images/<class>/<class>NN.tif and LandUse_Multilabeled.txt")
     names, rows, y = read_label_file(found[0])
     n_train, n_val = round(len(rows) * 1000 / 2100), round(len(rows) * 300 / 2100)
     if n_train <= k:  # ML-kNN finds k neighbours of each image among the others
         need = next(n for n in range(len(rows), 10 ** 6) if round(n * 1000 / 2100) > k)
-        raise DataError(f"{found[0]}: {len(rows)} images, so {n_train} to train on (1000 of every 2100); ML-kNN with "
-                        f"k = {k} needs more than {k}: list at least {need} images")
+        raise DataError(f"{found[0]}: {len(rows)} images, {n_train} to train on; ML-kNN (k={k}) needs {need} images")
     files = [folder / "Images" / r.rstrip("0123456789") / f"{r}.tif" for r in rows]
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
         raise DataError(f"{len(missing)} images listed in {found[0]} are missing, e.g. {missing[0]}")
     x = cached_tiles(cache_dirs(folder, cache_dir), "ucmerced", folder, files, 0,
-                     lambda: [(i, 0, 0) for i in range(len(files))], lambda p: resize_rgb(read_rgb(p), PATCH), log)
+                     lambda: [(i, 0, 0) for i in range(len(files))], lambda p: resize_rgb(read_rgb(p)), log)
     order = np.random.default_rng([seed, 2100]).permutation(len(files))
     parts = dict(train=order[:n_train], val=order[n_train:n_train + n_val], test=order[n_train + n_val:])
     return {**{k: (np.asarray(x[np.sort(v)]), y[np.sort(v)]) for k, v in parts.items()}, "labels": names}
@@ -660,34 +552,23 @@ def ucmerced_splits(folder, cache_dir="", seed: int = DATA_SEED, log=None, k: in
 def read_label_file(path: Path) -> tuple:
     """LandUse_Multilabeled.txt (tab-separated, trailing tabs dropped) → (label names, image names, uint8 [n, Q])."""
     try:
-        lines = path.read_text().splitlines()
+        lines = [[c.strip() for c in line.rstrip().split("\t")] for line in path.read_text().splitlines()] or [[""]]
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    names = [n.strip() for n in (lines[0].split("\t")[1:] if lines else [])]
-    while names and not names[-1]:  # a trailing tab
-        names.pop()
+    names = lines[0][1:]
     if not names:
-        raise DataError(f"{path} line 1: expected a header 'IMAGE\\LABEL<TAB>name<TAB>...', got {lines[:1]}")
-    rows, y, seen = [], [], {}
-    for i, line in enumerate(lines[1:], 2):
-        if not line.strip():
+        raise DataError(f"{path} line 1: expected a header 'IMAGE\\LABEL<TAB>name<TAB>...', got {lines[0][0]!r}")
+    y, seen = [], {}  # image name → its line
+    for i, cells in enumerate(lines[1:], 2):
+        if cells == [""]:
             continue
-        cells = [c.strip() for c in line.split("\t")]
-        while len(cells) > 1 and not cells[-1]:  # a trailing tab
-            cells.pop()
         if len(cells) != len(names) + 1 or any(c not in ("0", "1") for c in cells[1:]):
-            raise DataError(f"{path} line {i}: expected an image name and {len(names)} values 0 or 1 (tab-separated), "
-                            f"got {len(cells) - 1} values: {line.strip()[:120]!r}")
+            raise DataError(f"{path} line {i}: expected an image name and {len(names)} values 0 or 1, got "
+                            f"{len(cells) - 1} values")
         if cells[0] in seen:
-            raise DataError(f"{path} lines {seen[cells[0]]} and {i}: image {cells[0]!r} is listed twice; keep one row "
-                            "per image")
+            raise DataError(f"{path} lines {seen[cells[0]]} and {i}: image {cells[0]!r} is listed twice; keep one")
         seen[cells[0]] = i
-        rows.append(cells[0])
         y.append([int(c) for c in cells[1:]])
-    if not rows:
-        raise DataError(f"{path}: no image rows after the header")
-    y = np.array(y, np.uint8)
-    if not y.any():
-        raise DataError(f"{path}: every label value is 0 in its {len(rows)} rows (no image has any of the "
-                        f"{len(names)} labels); use the multi-label file of Chaudhuri et al. 2018, 0/1 per label")
-    return names, rows, y
+    if not np.any(y):
+        raise DataError(f"{path}: no label value 1 in its {len(y)} image rows; use Chaudhuri et al.'s 0/1 labels")
+    return names, list(seen), np.array(y, np.uint8)

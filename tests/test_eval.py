@@ -130,7 +130,8 @@ def test_both_map_kinds_rank_posteriors_and_decisions():
     from sklearn.metrics import average_precision_score
     got = eval_mlknn.map_scores(y_true, scores)
     assert math.isclose(got["micro"], 100 * average_precision_score(y_true.ravel(), scores.ravel()))
-    assert math.isclose(got["macro"], 100 * np.mean([average_precision_score(y_true[:, i], scores[:, i]) for i in (0, 1)]))
+    per_label = [average_precision_score(y_true[:, i], scores[:, i]) for i in (0, 1)]
+    assert math.isclose(got["macro"], 100 * np.mean(per_label))
     with pytest.raises(rs_data.DataError, match="non-finite features"):
         eval_mlknn.evaluate_features(np.full((4, 2), np.nan), y[:4], x[:2], y[:2])
 
@@ -147,7 +148,7 @@ def test_mlknn_count_self_counts_each_training_point_as_its_own_neighbour():
 def fake_run(label, micro, per_task=None, seconds=3600.0):
     rows = [dict(task=t, micro=v, macro=v, micro_binary=v / 2, macro_binary=v / 2, rec_loss=[0.5, 0.4],
                  per_task=per_task[t] if per_task else None) for t, v in enumerate(micro)]
-    return dict(label=label, tasks=["a", "b"], rows=rows, train_seconds=seconds)
+    return dict(label=label, tasks=["a", "b"], rows=rows, train_seconds=seconds, eval_set="s")
 
 
 def test_table_writer_layout_with_seeds_and_hours():
@@ -166,7 +167,7 @@ def test_forgetting_table_and_matrices_mean_and_std_over_seeds():
     a1 = [[10, 10], [70, 20], [60, 80]]  # forgetting 10, BWT −10, final 70
     a2 = [[10, 10], [70, 20], [50, 80]]  # forgetting 20, BWT −20, final 65
     runs = [fake_run("ft", (1, 2, 3), a1, 100), fake_run("ft", (1, 2, 3), a2, 300)]
-    table = reports.forgetting_table(runs)
+    table = reports.report(runs)
     assert table.splitlines()[-1] == "| ft | 67.50 ± 2.50 | 15.00 ± 5.00 | -15.00 ± 5.00 | 200 ± 100 |"
     matrix = reports.format_matrix(runs, "per_task")
     assert "| after T2 (b) | 55.00 ± 5.00 | 80.00 ± 0.00 |" in matrix and "| init (random) |" in matrix
@@ -177,7 +178,8 @@ def test_eval_cli_tables_of_runs_and_seeds(tmp_path, capsys, small_eval):
                  "--synth-train", "32", "--memory-size", "20", "--device", "cpu", "--seeds", "0", "1",
                  "--out", str(tmp_path / "co")])
     capsys.readouterr()
-    eval_mlknn.main([str(tmp_path / "co" / "seed0"), str(tmp_path / "co" / "seed1"), "--table-out", str(tmp_path / "t.md")])
+    seeds = [str(tmp_path / "co" / "seed0"), str(tmp_path / "co" / "seed1")]
+    eval_mlknn.main(seeds + ["--table-out", str(tmp_path / "t.md")])
     table = (tmp_path / "t.md").read_text()
     assert "| cosmae |" in table and "T2 (synth_green)" in table and " ± " in table
     assert "micro ★ mAP" in table and "Table" in table and "avg forgetting" in table and "R[t][j]" in table
@@ -227,11 +229,20 @@ def test_eval_cli_scores_the_checkpoints_of_a_run_whose_training_data_is_gone(tm
     eval_mlknn.main([str(run), "--ucmerced", ucm])
     out = capsys.readouterr().out
     rows = json.loads((run / "eval.json").read_text())
-    assert [(r["task"], r["eval_set"]) for r in rows] == [(t, eval_mlknn.UCMERCED) for t in (0, 1, 2)]
+    label = f"UCMerced (16 test images) from {tmp_path / 'U'}"  # 42 images: 20 train, 6 val, 16 test
+    assert [(r["task"], r["eval_set"]) for r in rows] == [(t, label) for t in (0, 1, 2)]
     assert all(r["rec_loss"] is None and 0 <= r["micro"] <= 100 and 0 <= r["micro_binary"] <= 100 for r in rows)
-    assert "T2 (treesat)" in out and "UCMerced" in out
+    assert "T2 (treesat)" in out and label in out and "3 of 3 points to evaluate" in out
     eval_mlknn.main([str(run), "--ucmerced", ucm])  # evaluated: nothing again, the same rows
-    assert json.loads((run / "eval.json").read_text()) == rows
+    assert json.loads((run / "eval.json").read_text()) == rows and "0 of 3 points" in capsys.readouterr().out
+    make_ucmerced(tmp_path / "V", n_per_class=15)  # another set: its own rows, its table alone
+    capsys.readouterr()
+    eval_mlknn.main([str(run), "--ucmerced", str(tmp_path / "V")])
+    out, both = capsys.readouterr().out, json.loads((run / "eval.json").read_text())
+    other = [r for r in both if r not in rows]
+    assert len(both) == 6 and len(other) == 3 and rows[0]["eval_id"] not in {r["eval_id"] for r in other}
+    assert "UCMerced (18 test images) from" in out and label not in out
+    assert f"| after T2 (treesat) | {other[2]['micro']:.2f} |" in out
     eval_mlknn.main([str(run / "task2_treesat.pt"), "--ucmerced", ucm])  # one task checkpoint
     assert f"| task2_treesat.pt | {rows[2]['micro']:.2f} | {rows[2]['macro']:.2f} |" in capsys.readouterr().out
     enc = torch.load(run / "task2_treesat.pt", weights_only=True)["encoder"]  # facebookresearch/mae's layout
@@ -245,41 +256,80 @@ def test_eval_cli_scores_the_checkpoints_of_a_run_whose_training_data_is_gone(tm
     assert e.value.code == 2 and "needs --ucmerced" in capsys.readouterr().err
 
 
+def fake_folder(folder, tasks, sets, **config):
+    """A run folder with config.json and eval.json rows of each (eval_set, eval_id) in sets, per task."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(dict(method="cosmae", tasks=tasks, seed=0, **config)))
+    rows = [dict(task=t, name="x", eval_set=s, eval_id=i, micro=50.0 + t, macro=40.0, micro_binary=30.0,
+                 macro_binary=20.0, per_task=None, rec_loss=None) for s, i in sets for t in range(len(tasks) + 1)]
+    (folder / "eval.json").write_text(json.dumps(rows))
+
+
+SYN, UCM = ("the synthetic multi-label set (800 test images)", "a"), ("UCMerced (800 test images) from /u", "b")
+
+
 def test_eval_tables_never_mix_evaluation_sets_or_task_lists_and_count_a_folder_once(tmp_path, capsys):
-    def fake(folder, tasks, sets):
-        folder.mkdir(parents=True)
-        (folder / "config.json").write_text(json.dumps(dict(method="cosmae", tasks=tasks, seed=0)))
-        rows = [dict(task=t, name="x", eval_set=s, micro=50.0 + t, macro=40.0, micro_binary=30.0, macro_binary=20.0,
-                     per_task=None, rec_loss=None) for s in sets for t in range(len(tasks) + 1)]
-        (folder / "eval.json").write_text(json.dumps(rows))
-    fake(tmp_path / "a", ["t1", "t2"], [eval_mlknn.SYNTHETIC, eval_mlknn.UCMERCED])
-    fake(tmp_path / "b", ["t1", "t2", "t3"], [eval_mlknn.SYNTHETIC])
-    eval_mlknn.main([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a") + "/"])
+    fake_folder(tmp_path / "a", ["t1", "t2"], [SYN, UCM])
+    fake_folder(tmp_path / "b", ["t1", "t2", "t3"], [SYN])
+    fake_folder(tmp_path / "c", ["t1", "t2"], [(UCM[0], "other images")])  # the same label, another set
+    eval_mlknn.main([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a") + "/", str(tmp_path / "c")])
     out = capsys.readouterr().out
-    assert out.count("on the synthetic multi-label set after each task") == 2  # a's and b's task lists apart
-    assert out.count("on UCMerced (800 test images) after each task") == 1 and " ± " not in out  # a counted once
+    assert out.count("on the synthetic multi-label set (800 test images) after each task") == 2  # a's, b's tasks
+    assert out.count(f"on {UCM[0]} after each task") == 2 and " ± " not in out  # a counted once, c apart
 
 
-def test_informative_band_is_shown_in_grey():
-    rgb = np.array([[[30, 60, 91], [255, 0, 1]]], np.uint8)  # [1, 2, 3]
-    pan = eval_mlknn.band_view(rgb, eval_mlknn.task_band("synth_pan"))
-    assert pan[0, :, 0].tolist() == [60, 85] and (pan == pan[..., :1]).all()  # the mean of the bands, grey
-    for name, band in (("synth_red", 0), ("synth_green", 1), ("synth_blue", 2)):
-        assert eval_mlknn.task_band(name) == band
-        assert (eval_mlknn.band_view(rgb, band) == rgb[..., band:band + 1]).all()
-    assert eval_mlknn.task_band("potsdam") == "rgb" and eval_mlknn.band_view(rgb, "rgb") is rgb
+def test_only_runs_of_equal_settings_form_a_row_and_unfinished_seeds_are_noted(tmp_path, capsys):
+    fake_folder(tmp_path / "x" / "run", ["t1", "t2"], [SYN], lr=0.0015, out="x/run")
+    fake_folder(tmp_path / "y" / "run", ["t1", "t2"], [SYN], lr=0.002, out="y/run")
+    fake_folder(tmp_path / "z" / "run", ["t1", "t2"], [SYN], lr=0.002, out="z/run")
+    rows = json.loads((tmp_path / "z" / "run" / "eval.json").read_text())
+    (tmp_path / "z" / "run" / "eval.json").write_text(json.dumps(rows[:2]))  # a seed that stopped after T1
+    eval_mlknn.main([str(tmp_path / d / "run") for d in "xyz"])
+    out = capsys.readouterr().out
+    assert "| cosmae (lr=0.0015) | 50.00 | 51.00 | 52.00 |" in out  # `out` is not a training setting
+    assert "| cosmae (lr=0.002) (1 of 2 seeds finished) | 50.00 ± 0.00 | 51.00 ± 0.00 | 52.00 |" in out
 
 
-def test_panel_view_paints_the_removed_patches():
+def test_outputs_over_a_run_unwritable_outputs_broken_rows_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch):
+    fake_folder(tmp_path / "run", ["t1"], [SYN])
+    fake_folder(tmp_path / "seeds" / "seed0", ["t1"], [SYN])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    for flags, message in ((["--table-out", str(tmp_path / "run" / "eval.json")], "a file of the run folder"),
+                           (["--table-out", "/proc/x.md"], "cannot write a file there"),
+                           (["--figures", str(tmp_path / "run")], "is a run folder"),
+                           (["--figures", str(tmp_path / "seeds")], "is a run folder")):
+        with pytest.raises(SystemExit) as e:
+            eval_mlknn.main([str(tmp_path / "run")] + flags)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    eval_mlknn.main([str(tmp_path / "run"), "--table-out", str(tmp_path / "run" / "table.md")])  # a .md in it: fine
+    for rows in ('[{"task": 0, "micro": "high"}]', '[{"task": 0, "per_task": 3}]', '[[1]]'):
+        (tmp_path / "run" / "eval.json").write_text(rows)
+        with pytest.raises(SystemExit) as e:
+            eval_mlknn.main([str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "eval.json: expected a JSON list of rows" in err and len(err.splitlines()) == 1
+    monkeypatch.setattr(eval_mlknn, "load_run", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as e:
+        eval_mlknn.main([str(tmp_path / "run")])
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == \
+        "eval_mlknn: interrupted (the rows written so far are kept; rerun the command to evaluate the rest)"
+
+
+def test_panel_view_shows_the_informative_band_in_grey_and_paints_the_removed_patches():
     h = 4
     original = np.random.default_rng(0).integers(0, 255, (h, h, 3), dtype=np.uint8)
     masked = original.copy()
     masked[:2, :2] = (124, 116, 104)  # a removed patch: MAE's mean colour
-    panel = np.concatenate([original, masked, original], 1)
-    out = eval_mlknn.panel_view(panel, 0)
-    assert (out[:2, h:h + 2] == draw.MASK_COLOR).all()
-    assert (out[2:, h:2 * h] == original[2:, :, :1]).all() and (out[:, :h] == original[..., :1]).all()
-    assert eval_mlknn.panel_view(panel, "rgb") is panel
+    panel = np.concatenate([original, masked, original] * 2, 1)  # two tiles
+    for name, band in (("synth_red", 0), ("synth_green", 1), ("synth_blue", 2)):
+        out, grey = eval_mlknn.panel_view(panel, name), original[..., band:band + 1]
+        assert (out[:2, h:h + 2] == draw.MASK_COLOR).all() and (out[:2, 4 * h:4 * h + 2] == draw.MASK_COLOR).all()
+        assert (out[2:, h:2 * h] == grey[2:]).all() and (out[:, :h] == grey).all()
+    pan = eval_mlknn.panel_view(panel, "synth_pan")[:, :h]
+    assert (pan == np.round(original.mean(-1, keepdims=True))).all()  # the mean of the bands, grey
+    assert eval_mlknn.panel_view(panel, "potsdam") is panel
 
 
 def picture_cfg(tmp_path, **kw):
@@ -295,35 +345,33 @@ def run_with_eval(cfg):
         cosmae.train(cfg, r)
 
 
+def recon_boxes(folder, rows: list, tasks: list) -> list:
+    """Where reports.recon_picture puts the cells of these rows' reconstructions (the boxes do not depend on the
+    title's or the column labels' text)."""
+    points = [(folder, r) for r in rows if r.get("rec_loss")]
+    return reports.recon_picture(points, tasks, ["c"] * len(points), "t")[1]["boxes"]
+
+
 def check_run_pictures(out: Path, tasks: list, points: int):
-    """reconstructions.png: a row per task, a column per evaluation point, each cell the first tile of its task's
-    row of reconstructions_T<t>.png; the heat maps: a row per evaluation point, a column per task."""
+    """reconstructions.png: a row per task, a column per evaluation point, each cell its task's row of
+    reconstructions_T<t>.png (the band in grey, removed patches blue); matrices.png: A | R; both drawn again from
+    eval.json: the same pictures."""
     rows = eval_mlknn.read_rows(out)
-    img, lay = reports.reconstructions_picture(out, tasks, rows)
-    on_disk = np.asarray(Image.open(out / "reconstructions.png").convert("RGB"))
-    assert np.array_equal(on_disk, np.asarray(img))
-    assert len(lay["boxes"]) == len(tasks) and all(len(r) == points for r in lay["boxes"])
-    size = reports.RECON_CELL
-    for t in range(points):
-        panel = np.asarray(Image.open(out / f"reconstructions_T{t}.png").convert("RGB"))
-        h = panel.shape[0] // len(tasks)
-        assert panel.shape[0] == h * len(tasks)
-        for j in range(len(tasks)):
-            x0, y0, x1, y1 = lay["boxes"][j][t]
-            assert (x1 - x0, y1 - y0) == (3 * size + 6, size)
-            original = np.asarray(Image.fromarray(panel[j * h:(j + 1) * h, :h]).resize((size, size), Image.BOX))
-            assert np.array_equal(on_disk[y0:y1, x0:x0 + size], original)
+    drawn = reports.write_run_pictures(out, tasks, rows, "cosmae")
+    assert list(drawn) == ["matrices.png", "reconstructions.png"]
+    for name, img in drawn.items():
+        assert np.array_equal(np.asarray(Image.open(out / name).convert("RGB")), np.asarray(img))
+    on_disk, lay = np.asarray(drawn["reconstructions.png"]), recon_boxes(out, rows, tasks)
+    assert len(lay) == len(tasks) and all(len(r) == points for r in lay)
+    for row in lay:
+        for x0, y0, x1, y1 in row:
+            view = (x1 - x0) // 6  # 2 tiles × (original, masked, reconstruction)
+            assert y1 - y0 == reports.RECON_CELL == view and x1 - x0 == 6 * view
+            original = on_disk[y0:y1, x0:x0 + view - 2]
             assert (original == original[..., :1]).all()  # a synthetic sensor: its band in grey
-            masked = on_disk[y0:y1, x0 + size + 3:x0 + 2 * size + 3]
-            assert (masked == draw.MASK_COLOR).all(-1).mean() > 0.5  # r = 0.75 of it removed (blue)
-    names = ["accuracy_matrix.png", "reconstruction_matrix.png"]
-    on_disk = {name: np.asarray(Image.open(out / name).convert("RGB")) for name in names}
-    drawn = reports.write_run_pictures(out, tasks, rows, "cosmae")  # drawn again from eval.json: the same pictures
-    assert [name for name in drawn if drawn[name]] == names + ["reconstructions.png"]
-    for name in names:
-        img, lay = drawn[name]
-        assert np.array_equal(on_disk[name], np.asarray(img))
-        assert len(lay["boxes"]) == points and all(len(r) == len(tasks) for r in lay["boxes"])
+            masked = on_disk[y0:y1, x0 + view + 2:x0 + 2 * view - 2]
+            assert (masked == draw.MASK_COLOR).all(-1).mean() > 0.4  # r = 0.75 of it removed (blue)
+    assert drawn["matrices.png"].width > 2 * 300  # A | R
 
 
 def test_run_pictures_also_after_a_resume_and_cli_figures_compare_labels(tmp_path, small_eval, monkeypatch, capsys,
@@ -347,7 +395,7 @@ def test_run_pictures_also_after_a_resume_and_cli_figures_compare_labels(tmp_pat
     check_run_pictures(out, cfg.tasks, 3)
     after = np.asarray(Image.open(out / "reconstructions.png"))
     assert after.shape[1] > before.shape[1] and after.shape[0] == before.shape[0]  # one more column, same rows
-    x_init = reports.reconstructions_picture(out, cfg.tasks, eval_mlknn.read_rows(out))[1]["boxes"][0][0]
+    x_init = recon_boxes(out, eval_mlknn.read_rows(out), cfg.tasks)[0][0]
     assert np.array_equal(after[x_init[1]:x_init[3], x_init[0]:x_init[2]], before[x_init[1]:x_init[3],
                                                                                    x_init[0]:x_init[2]])
     # --figures: the finished run beside a finetune run, a column (reconstructions) and a row (matrices) per label
@@ -359,20 +407,44 @@ def test_run_pictures_also_after_a_resume_and_cli_figures_compare_labels(tmp_pat
     assert "pictures:" in capsys.readouterr().out
     labels = reports.group_runs([e for f in folders for e in eval_mlknn.load_run(f)])
     assert list(labels) == ["cosmae", "finetune"]
-    img, lay = reports.compare_reconstructions(labels, ["synth_pan", "synth_red"])
-    assert len(lay["boxes"]) == 2 and all(len(r) == 2 for r in lay["boxes"])  # rows = tasks, a column per label
+    last = [(tmp_path / m, max(labels[m][0]["rows"], key=lambda r: r["task"])) for m in labels]
+    boxes = reports.recon_picture(last, cfg.tasks, ["c"] * 2, "t")[1]["boxes"]
+    assert len(boxes) == 2 and all(len(r) == 2 for r in boxes)  # rows = tasks, a column per label
     on_disk = np.asarray(Image.open(tmp_path / "figs" / "reconstructions.png").convert("RGB"))
-    assert on_disk.shape[:2] == (lay["size"][1], lay["size"][0])
     for c, method in enumerate(labels):  # each label's column: its run's cells after its last task
-        own = reports.reconstructions_picture(tmp_path / method, ["synth_pan", "synth_red"],
-                                                 eval_mlknn.read_rows(tmp_path / method))
-        own_img = np.asarray(own[0])
+        own = np.asarray(Image.open(tmp_path / method / "reconstructions.png").convert("RGB"))
+        own_boxes = recon_boxes(tmp_path / method, eval_mlknn.read_rows(tmp_path / method), cfg.tasks)
         for j in range(2):
-            x0, y0, x1, y1 = lay["boxes"][j][c]
-            u0, v0, u1, v1 = own[1]["boxes"][j][-1]
-            assert np.array_equal(on_disk[y0:y1, x0:x1], own_img[v0:v1, u0:u1])
+            x0, y0, x1, y1 = boxes[j][c]
+            u0, v0, u1, v1 = own_boxes[j][-1]
+            assert np.array_equal(on_disk[y0:y1, x0:x1], own[v0:v1, u0:u1])
     matrices = Image.open(tmp_path / "figs" / "matrices.png")
-    assert matrices.size == reports.compare_matrices(labels, ["synth_pan", "synth_red"]).size
+    assert matrices.size == reports.matrices_picture(labels, ["synth_pan", "synth_red"]).size
     assert matrices.height > 2 * 150 and matrices.width > 2 * 300  # two labels × (A | R)
     with pytest.raises(SystemExit):
         eval_mlknn.main(["--figures", str(tmp_path / "figs")])  # no run folder named
+
+
+def test_folders_of_images_are_a_task_sequence_trained_and_evaluated_end_to_end(tmp_path, capsys):
+    make_ucmerced(tmp_path / "U")
+    for k, name in enumerate(("flights_2019", "flights_2021")):  # two folders of someone's own images
+        (tmp_path / name / "day1").mkdir(parents=True)
+        for i in range(4):
+            img = np.random.default_rng([k, i]).integers(0, 256, (256, 512, 3), dtype=np.uint8)
+            img[..., k] //= 4  # the second folder sees another colour
+            Image.fromarray(img).save(tmp_path / name / ("day1" if i % 2 else "") / f"{i}.{('png', 'jpg')[i % 2]}")
+    tasks, run = [str(tmp_path / "flights_2019"), str(tmp_path / "flights_2021")], tmp_path / "run"
+    cosmae.main(["--tasks", *tasks, "--model", "vit_test", "--epochs", "2", "--batch-size", "2", "--warmup-epochs",
+                 "0.5", "--memory-size", "4", "--device", "cpu", "--ucmerced", str(tmp_path / "U"),
+                 "--cache-dir", str(tmp_path / "c"), "--out", str(run)])
+    out, rows = capsys.readouterr().out, json.loads((run / "eval.json").read_text())
+    assert [r["task"] for r in rows] == [0, 1, 2] and all(len(r["rec_loss"]) == 2 for r in rows)
+    assert all(r["eval_set"].startswith("UCMerced (16 test images)") for r in rows)
+    assert json.loads((run / "config.json").read_text())["tasks"] == tasks  # absolute paths, as given
+    assert {p.name for p in run.glob("task*.pt")} == {"task1_flights_2019.pt", "task2_flights_2021.pt"}
+    assert "after T2 (flights_2021)" in out and (run / "reconstructions.png").is_file()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        cosmae.main(["--tasks", str(tmp_path / "empty"), "--model", "vit_test", "--out", str(tmp_path / "r2")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(tmp_path / "empty") in err and len(err.strip().splitlines()) == 1

@@ -124,10 +124,8 @@ def test_the_top_level_holds_the_card():
     assert lines["cosmae.py"] <= 550 and lines["eval_mlknn.py"] <= 450, lines
 
 
-@pytest.mark.xfail(strict=True, reason="issue 22 is open: the code is over its 2,800-line budget")
 def test_the_code_fits_its_budget():
-    """Issue 22: every .py file that is not a test, ≤ 2,800 lines in all (strict: passing it fails the suite
-    until this mark is removed)."""
+    """Issue 22: every .py file that is not a test, ≤ 2,800 lines in all."""
     lines = code_lines()
     assert sum(lines.values()) <= 2800, (sum(lines.values()), lines)
 
@@ -222,8 +220,8 @@ def test_committed_figures_exist_are_small_and_linked_from_the_walkthrough():
 
 def test_heatmap_writes_the_number_in_every_cell():
     values = [[1.0, 2.5], [None, 40.25]]
-    numbers, lay = draw.heatmap(values, ["a", "b"], ["x", "y"], "t", fmt="{:.2f}", with_layout=True)
-    blank, lay_blank = draw.heatmap(values, ["a", "b"], ["x", "y"], "t", fmt=lambda v: "", with_layout=True)
+    numbers, lay = draw.heatmap(values, ["a", "b"], ["x", "y"], "t", "", "{:.2f}", 1.0, 40.25, with_layout=True)
+    blank, lay_blank = draw.heatmap(values, ["a", "b"], ["x", "y"], "t", "", "", 1.0, 40.25, with_layout=True)
     assert numbers.size == lay["size"]
     numbers, blank = np.asarray(numbers), np.asarray(blank)
     assert len(lay["boxes"]) == 2 and all(len(r) == 2 for r in lay["boxes"])
@@ -235,7 +233,7 @@ def test_heatmap_writes_the_number_in_every_cell():
         background = with_number[0]
         text = with_number[(with_number != background).any(1)]
         assert 20 < len(text) < 0.6 * len(with_number)  # the number's strokes, inside the cell
-        ink = draw.GREY if v is None else draw.ink_on(background)  # dark or white on the colour, grey n/a
+        ink = draw.GREY if v is None else draw.INK if background @ [0.299, 0.587, 0.114] > 140 else draw.WHITE
         assert np.abs(text.astype(int) - np.array(ink)).sum(1).min() < 60
     colours = {tuple(blank[v0 + 3, u0 + 3]) for u0, v0, _, _ in sum(lay_blank["boxes"], [])}
     assert len(colours) == 4  # three values on the colour map, one grey 'not measured'
@@ -246,8 +244,6 @@ def test_colormap_runs_dark_to_bright_and_text_stays_readable():
     lum = c @ [0.299, 0.587, 0.114]
     assert (np.diff(lum) > 0).all()  # perceptual: brightness rises monotonically
     assert np.array_equal(draw.colormap(0.2, reverse=True), draw.colormap(0.8))
-    assert draw.ink_on(draw.colormap(0.0)) == draw.WHITE
-    assert draw.ink_on(draw.colormap(1.0)) == draw.INK
 
 
 def test_text_is_drawn_with_a_legible_font():
@@ -271,10 +267,13 @@ def test_image_grid_places_each_picture_in_its_box():
             assert (x1 - x0, y1 - y0) == (20, 10) and (img[y0:y1, x0:x1] == 50 * (i + 2 * j)).all()
 
 
-def test_line_plot_clips_curves_to_the_axes():
-    assert draw.clip_polyline([(0, 0), (1, 2), (2, 0)], 0, 1) == [[(0, 0), (0.5, 1.0)], [(1.5, 1.0), (2, 0)]]
-    assert draw.clip_polyline([(0, -1), (1, 3)], 0, 1) == [[(0.25, 0.0), (0.5, 1.0)]]  # through both edges
-    assert draw.clip_polyline([(0, 2), (1, 3)], 0, 1) == []
+def test_line_plot_cuts_curves_at_the_axes():
     assert draw.nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    img = draw.line_plot([dict(x=[0, 1], y=[0, 5], label="a")], "t", "x", "y", ylim=(0, 1), size=(300, 200))
-    assert img.size == (300, 200)
+    red = (255, 0, 0)
+    img = draw.line_plot([dict(x=[0, 1], y=[-5, 5], color=red, width=4)], (0, 1), (0, 1), size=(300, 200))
+    a = np.asarray(img).astype(int)
+    rows = np.flatnonzero((np.abs(a - red).sum(-1) < 60).any(1))  # where the curve is drawn
+    assert img.size == (300, 200) and len(rows) > 50 and 10 < rows.min() and rows.max() < 180  # inside the axes
+    dashed = np.asarray(draw.line_plot([dict(x=[0, 1], y=[0.5, 0.5], color=red, dash=True)], (0, 1), (0, 1)))
+    cols = (np.abs(dashed.astype(int) - red).sum(-1) < 60).any(0)
+    assert 4 < (np.diff(cols.astype(int)) == 1).sum() < 60  # on and off along the line

@@ -13,6 +13,7 @@ import baselines
 import bench
 import cosmae
 import eval_mlknn
+import figures
 import rs_data
 import runner
 from cosmae import Config, ReplayBuffer, mim_loss
@@ -193,30 +194,21 @@ def test_compiled_and_eager_steps_agree(monkeypatch):
     assert np.allclose(eager, compiled, rtol=1e-4, atol=1e-5)
 
 
-def test_bench_profile_and_end_to_end_run_of_cosmae_on_generated_official_layouts(tmp_path, capfd, monkeypatch,
-                                                                                    one_thread):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the run of cosmae.py
+def test_bench_times_each_step_counts_its_flops_profiles_and_writes_json(tmp_path, capfd, one_thread):
     out = tmp_path / "bench.json"
     bench.main(["--model", "vit_test", "--device", "cpu", "--batch", "4", "--repeats", "1", "--warmup", "0",
-                "--end-to-end", "--e2e-steps", "4", "--profile", "--json", str(out)])
+                "--profile", "--json", str(out)])
     printed = capfd.readouterr().out
-    assert "task 1 us3d" in printed and "task 2 uavid" in printed  # the real loop's progress lines
-    assert printed.count("the operations that took the most:") == 2
     r = json.loads(out.read_text())
-    assert all(r[f"flops_{k}"] > 0 and r["seconds"][k] > 0 for k in "abfg") and r["flops_b"] > r["flops_a"]
-    for k in "ab":  # the profile's table: the operations with the most self time, their shares adding up
-        top = r["profile"][k]["top"]
-        assert len(top) == 12 and any("addmm" in op or "linear" in op for op, _, _ in top)
-        assert 0 < sum(pct for _, _, pct in top) <= 100.01 and top[0][2] >= top[-1][2]
-    e2e = r["end_to_end"]
-    # us3d: one 1024×1024 tile = 16 patches = 4 steps; uavid: one 3840×2160 frame = 120 patches = 30 steps
-    assert (e2e["a"]["task"], e2e["a"]["steps"], e2e["b"]["task"], e2e["b"]["steps"]) == ("us3d", 4, "uavid", 30)
-    for k in "ab":
-        assert 0 <= e2e[k]["data_wait_mean"] <= e2e[k]["data_wait_max"] <= 1 and e2e[k]["of_bench"] > 0
-        assert "% of (" + k + ")'s" in printed
+    assert all(r["seconds"][k] > 0 and r["images_per_s"][k] > 0 for k in "abcdefg")
+    assert all(r["flops"][k] > 0 for k in "abfg") and r["flops"]["b"] > r["flops"]["a"]
+    assert "(b) CoSMAE step" in printed and "× (a)'s time for" in printed and r["paper_protocol_hours"] > 0
+    for k in "ab":  # the profile: torch.profiler's table of the operations with the most self time
+        assert "Self CPU time total" in r["profile"][k] and ("addmm" in r["profile"][k] or "linear" in r["profile"][k])
+    assert printed.count("Self CPU time total") == 2
 
 
-def test_unwritable_table_out_and_bad_bench_flags_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
+def test_unwritable_table_out_and_bad_eval_flags_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(eval_mlknn, "load_run", lambda *a: (_ for _ in ()).throw(AssertionError("work done")))
     with pytest.raises(SystemExit) as e:
         eval_mlknn.main([str(tmp_path), "--table-out", str(tmp_path / "no" / "such" / "t.md")])
@@ -227,12 +219,18 @@ def test_unwritable_table_out_and_bad_bench_flags_are_refused_before_the_work(tm
             eval_mlknn.main(["--ucmerced", str(tmp_path)] + flags)
         assert e.value.code == 2 and message in capsys.readouterr().err
 
+
+def test_unwritable_outputs_and_bad_bench_flags_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
     def bench_main(*flags):  # → (exit code, stderr)
         with pytest.raises(SystemExit) as e:
             bench.main(list(flags))
         return e.value.code, capsys.readouterr().err.strip()
-    assert bench_main("--repeats", "0") == (2, "error: --repeats 0: must be ≥ 1")
-    assert bench_main("--e2e-steps", "1") == (2, "error: --e2e-steps 1: must be ≥ 2")
+    assert bench_main("--repeats", "0") == (2, "error: --repeats 0: must be finite and ≥ 1")
+    assert bench_main("--peak-tflops", "inf") == (2, "error: --peak-tflops inf: must be finite and ≥ 0")
+    (tmp_path / "file").write_text("")
+    for bad in (tmp_path / "file" / "b.json", tmp_path):  # checked before the work: no folder, a folder
+        assert bench_main("--json", str(bad)) == (2, f"error: --json {bad}: cannot write a file there; name a file in "
+                                                     "a writable folder")
     code, err = bench_main("--device", "tpu")
     assert code == 2 and err.startswith("error: --device tpu: not a device name")
     # a full temporary folder (a file size limit of 1 MiB): one line naming the file and TMPDIR, the folder removed
@@ -245,5 +243,10 @@ def test_unwritable_table_out_and_bad_bench_flags_are_refused_before_the_work(tm
         resource.setrlimit(resource.RLIMIT_FSIZE, limit)
     assert code == 2 and err.startswith("error: no space left on the device writing ") and "TMPDIR" in err
     assert len(err.splitlines()) == 1 and not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]
-    monkeypatch.setattr(bench, "run_bench", lambda args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(bench, "run_bench", lambda argv: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert bench_main() == (130, "bench: interrupted (nothing to resume: its files were temporary)")
+    monkeypatch.setitem(figures.FIGURES, "mixup", lambda: (_ for _ in ()).throw(AssertionError("work done")))
+    with pytest.raises(SystemExit) as e:
+        figures.main(["--out", str(tmp_path / "file"), "--only", "mixup"])
+    assert e.value.code == 2 and capsys.readouterr().err == (f"error: --out {tmp_path / 'file'}: cannot write there; "
+                                                             "name a writable folder (see python -m figures --help)\n")

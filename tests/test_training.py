@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def test_resume_after_interrupted_run_equals_uninterrupted_and_logs_each_step_on
     run = runner.Run(cfg)
     with pytest.raises(KeyboardInterrupt), run:
         cosmae.train(cfg, run)
-    assert run.where == "in task 2 (synth_green), epoch 2, step 6"
+    assert run.at == "in task 2 (synth_green), epoch 2, step 6"
     cut = tmp_path / "cut"
     assert (cut / "task1_synth_red.pt").exists() and not (cut / "task2_synth_green.pt").exists()
     last = torch.load(cut / "last.pt", weights_only=True)
@@ -129,8 +130,10 @@ def test_resume_refuses_another_training_configuration_not_another_path_spelling
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "task1_x.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(rs_data.DataError, match="corrupt"):
+    with pytest.raises(rs_data.DataError, match="cannot be read as a weights-only torch dict"):
         runner.load_checkpoint(bad)
+    with pytest.raises(rs_data.DataError, match="No such file"):
+        runner.load_checkpoint(tmp_path / "missing.pt")
 
 
 @pytest.mark.parametrize("cli", [cosmae.main, baselines.main, eval_mlknn.main])
@@ -145,7 +148,7 @@ def test_unknown_task_name_exits_2_with_message(capsys):
         cosmae.main(["--tasks", "us3d", "mars"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "invalid choice: 'mars'" in err and "Traceback" not in err
+    assert "--tasks: 'mars'" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_seeds_flag_runs_one_folder_per_seed(tmp_path, monkeypatch):
@@ -163,18 +166,20 @@ TINY = ["--tasks", "synth_red", "synth_green", "--model", "vit_test", "--epochs"
     (["--mask-ratio", "1.0"], "--mask-ratio 1.0: must be in (0, 1)"), (["--mask-ratio", "0"], "--mask-ratio 0.0"),
     (["--mask-ratio", "1.5"], "--mask-ratio 1.5"), (["--mask-ratio", "0.99"], "one patch visible"),
     (["--tau", "0"], "--tau 0.0: must be > 0"), (["--lr", "-1"], "--lr -1.0: must be > 0"),
-    (["--alpha1", "0"], "--alpha1 0.0: must be > 0"), (["--alpha2", "-1"], "--alpha2"),
+    (["--alpha1", "0"], "--alpha1 0.0: must be in (0, 1000.0]"), (["--alpha2", "1e308"], "--alpha2 1e+308: must be in"),
+    (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: must be in [0, 4294967295]"), (["--lr", "-inf"], "--lr=VALUE"),
     (["--log-every", "0"], "--log-every 0: must be ≥ 1"), (["--save-every", "0"], "--save-every 0: must be ≥ 1"),
     (["--memory-size", "0"], "--memory-size 0: must be ≥ 1 with data mixup"),
     (["--lam2-value", "1.5"], "--lam2-value 1.5: must be in [0, 1]"), (["--warmup-epochs", "5"], "--warmup-epochs 5.0"),
     (["--synth-train", "4"], "--synth-train 4: must be ≥ --batch-size (8)"), (["--seed", "-3"], "--seed -3"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "CUDA device"),
     (["--device", "tpu"], "--device tpu"), (["--model", "vit_huge"], "--model: invalid choice: 'vit_huge'"),
-    (["--init", "/nonexistent/mae.pth"], "--init: /nonexistent/mae.pth: must be an existing checkpoint file"),
+    (["--init", "/nonexistent/mae.pth"], "--init /nonexistent/mae.pth: must be an existing checkpoint file"),
     (["--lr", "inf"], "--lr inf: must be a finite number"), (["--beta", "nan"], "--beta nan: must be a finite number"),
     (["--mask-ratio=-inf"], "--mask-ratio -inf: must be a finite number"),
     (["--tasks", "synth_red", "us3d"], "--tasks synth_red us3d: must be all synthetic or all real"),
-    (["--seeds", "1", "-2"], "--seeds 1 -2: must be ≥ 0"), (["--pool", "max"], "--pool: invalid choice: 'max'"),
+    (["--seeds", "1", "-2"], "--seeds 1 -2: must be in [0, 4294967295]"),
+    (["--pool", "max"], "--pool: invalid choice: 'max'"),
     (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"), (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_a_bad_flag_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, flags, message):
@@ -185,10 +190,19 @@ def test_a_bad_flag_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, fla
     assert not (tmp_path / "run").exists()
 
 
+def test_sizes_that_cannot_fit_memory_are_one_line_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # numpy refuses 5 PB before allocating anything
+        cosmae.main(TINY + ["--out", str(tmp_path / "run"), "--synth-train", str(10 ** 12)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Unable to allocate" in err and "lower --batch-size" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--method", "der", "--memory-size", "0"], "--memory-size 0: must be ≥ 1 for der"),
-    (["--method", "er", "--replay-batch", "-1"], "--replay-batch -1"), (["--method", "ewc", "--ewc-batches", "0"],
-                                                                        "--ewc-batches 0: must be ≥ 1")])
+    (["--method", "er", "--replay-batch", "-1"], "--replay-batch -1"), (["--method", "lump", "--lump-alpha", "2e3"],
+                                                                        "--lump-alpha 2000.0: must be in (0, 1000.0]"),
+    (["--method", "ewc", "--ewc-batches", "0"], "--ewc-batches 0: must be ≥ 1")])
 def test_a_bad_baseline_flag_is_one_line_exit_2(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
         baselines.main(TINY + ["--out", str(tmp_path / "run")] + flags)
@@ -200,7 +214,7 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_pa
     with pytest.raises(SystemExit) as e:  # an absurd learning rate
         cosmae.main(TINY + ["--out", str(tmp_path / "bad"), "--lr", "1e6", "--log-every", "1"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "non-finite" in err and "task 1 (synth_red)" in err and "Traceback" not in err
+    assert e.value.code == 2 and "non-finite" in err and "task 1 (synth_red)" in err and "--no-amp" in err, err
     assert not list((tmp_path / "bad").glob("*.pt"))  # no checkpoint of non-finite weights
     model = tiny_model()
     with runner.Run(tiny_cfg(tmp_path, out=str(tmp_path / "nan"))) as run:
@@ -236,7 +250,8 @@ def test_init_that_matches_nothing_is_an_error_and_a_partial_one_says_what_is_mi
     assert "encoder weights NOT loaded" in out and "cls_token" in out
     other_model = MAE(**MODELS["vit_tiny"]).state_dict()  # another --model: the shapes do not fit
     for bad, message in (({"model": other_model}, "weights do not fit this model"),
-                         ({"model": {"note": "not weights"}}, "no weights found in it"), ([1, 2], "holds a list")):
+                         ({"model": {"note": "not weights"}}, "none of its 1 weights is an encoder weight"),
+                         ([1, 2], "cannot be read as a weights-only torch dict")):
         torch.save(bad, tmp_path / "bad.pt")
         with pytest.raises(SystemExit) as e:
             cosmae.main(TINY + ["--init", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "c")])
@@ -306,12 +321,13 @@ def test_resume_trusts_only_this_runs_task_files_in_order(tmp_path, capsys):
     train(tiny_cfg(tmp_path, **three, out=str(cut)))
     shutil.copy(cut / "task1_synth_red.pt", cut / "task1_synth_red_backup.pt")  # a copy kept by hand: never used
     (cut / "task2_synth_green.pt").unlink()  # a middle checkpoint deleted: task 3 cannot stand in for it
+    shutil.copy(cut / "task1_synth_red.pt", cut / "last.pt")  # not a mid-task checkpoint of task 2: set aside
     capsys.readouterr()
     again = train(tiny_cfg(tmp_path, **three, out=str(cut)))
     out = capsys.readouterr().out
-    assert "ignoring files that are not this run's checkpoints: task1_synth_red_backup.pt" in out
+    assert "task1_synth_red_backup.pt: not a checkpoint of this run: ignored" in out
     assert "set aside as task3_synth_blue.pt.set_aside" in out and (cut / "task3_synth_blue.pt.set_aside").exists()
-    assert "resuming" in out and "tasks 1..1 already done" in out
+    assert "resuming" in out and "tasks 1..1 already done" in out and "set aside as last.pt.set_aside" in out
     a, b = encoder_of(full["checkpoints"][-1]), encoder_of(again["checkpoints"][-1])
     assert all(torch.equal(a[k], b[k]) for k in a)  # tasks 2 and 3 trained again, as in one go
     steps = [(r["task"], r["step"]) for r in records(cut)]
@@ -328,7 +344,7 @@ def test_a_run_folder_without_config_json_is_still_checked_against_the_command(t
     train(dataclasses.replace(cfg, eval=False))  # the same command: accepted (finished)
 
 
-@pytest.mark.parametrize("case", ["not_a_checkpoint", "other_run", "other_model", "list"])
+@pytest.mark.parametrize("case", ["not_a_checkpoint", "other_run", "corrupt_bytes", "list"])
 def test_a_task_checkpoint_of_the_wrong_content_is_one_line_before_config_json(tmp_path, case, capsys, finished_run):
     copy_run(finished_run, tmp_path / "run")
     path = tmp_path / "run" / "task1_synth_red.pt"
@@ -338,9 +354,9 @@ def test_a_task_checkpoint_of_the_wrong_content_is_one_line_before_config_json(t
         ck = torch.load(tmp_path / "run" / "task2_synth_green.pt", weights_only=True)
         ck["lineage"] = ["another run"] + ck["lineage"][1:]
         torch.save(ck, tmp_path / "run" / "task2_synth_green.pt")
-    elif case == "other_model":
+    elif case == "corrupt_bytes":  # a valid zip whose tensor bytes changed
         ck = torch.load(path, weights_only=True)
-        ck["model"] = {k: v[..., :1] if v.ndim else v for k, v in ck["model"].items()}
+        ck["model"]["blocks.0.attn.qkv.weight"][0, 0] += 1
         torch.save(ck, path)
     else:
         torch.save([torch.zeros(1)], path)
@@ -351,15 +367,31 @@ def test_a_task_checkpoint_of_the_wrong_content_is_one_line_before_config_json(t
     with pytest.raises(SystemExit) as e:
         cosmae.main(TINY + ["--out", str(tmp_path / "run"), "--warmup-epochs", "0.5"])
     err = capsys.readouterr().err
-    want = {"not_a_checkpoint": "is not the checkpoint of task 1", "other_run": "does not continue the checkpoint",
-            "other_model": "its weights do not fit this model", "list": "holds a list"}[case]
+    want = {"not_a_checkpoint": "is not a checkpoint of task 1 of this", "other_run": "task2_synth_green.pt is not a",
+            "corrupt_bytes": "do not match the digest saved with them", "list": "cannot be read as a weights"}[case]
     assert e.value.code == 2 and want in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run" / "config.json").exists()
 
 
+@pytest.mark.parametrize("key", ["model", "projector", "buffer"])
+def test_a_checkpoint_whose_parts_do_not_fit_is_one_line(tmp_path, capsys, finished_run, key):
+    copy_run(finished_run, tmp_path / "run")
+    path = tmp_path / "run" / "task2_synth_green.pt"
+    ck = torch.load(path, weights_only=True)  # written by hand, with a digest that fits
+    ck[key] = {("x" if key == "buffer" else "") + k: v[..., :1] for k, v in ck[key].items()}
+    ck["digest"] = runner.digest(ck)
+    torch.save(ck, path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cosmae.main(TINY + ["--out", str(tmp_path / "run"), "--warmup-epochs", "0.5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"task2_synth_green.pt ({key}): its weights do not fit" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("name,content,message", [
     ("config.json", "[1, 2]", "config.json holds a list, expected a JSON dict"),
-    ("eval.json", '{"task": 0}', "expected a JSON list of rows"),
+    ("eval.json", '{"task": 0}', "expected a JSON list"),
     ("metrics.jsonl", '{"task": 1, "step": 1}\n[1]\n{"task": 1, "step": 2}\n', "metrics.jsonl line 2 is not a "
                                                                                "metrics record"),
     ("summary.json", '"done"', "summary.json holds a str")])
@@ -379,8 +411,14 @@ def test_hand_edited_json_of_the_wrong_shape_is_one_line(tmp_path, capsys, small
 def test_out_that_cannot_be_written_is_refused_before_any_data_is_read(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(rs_data, "synth_task", lambda *a: (_ for _ in ()).throw(AssertionError("data read")))
     (tmp_path / "file").write_text("x")
-    cases = [("", "--out : must be a run folder"), (str(tmp_path / "file"), "is a file; name a folder"),
-             (str(tmp_path / "file" / "sub"), "cannot be created or written")]
+    (tmp_path / "ro").mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root writes anywhere: a folder it cannot write in, as a user meets it
+        monkeypatch.setattr(tempfile, "TemporaryFile", lambda **k: (_ for _ in ()).throw(PermissionError(13, "Denied")))
+    cases = [("", "--out : must be a run folder"), ("./", "--out ./: must be a run folder, not the current one"),
+             ("sub/..", "not the current one"), (str(tmp_path / "file"), "cannot be created or written (File exists)"),
+             (str(tmp_path / "file" / "sub"), "cannot be created or written"),
+             (str(tmp_path / ("x" * 300)), "cannot be created or written (File name too long)"),
+             (str(tmp_path / "ro"), "ro cannot be created or written (")]
     for out, message in cases:
         with pytest.raises(SystemExit) as e:
             cosmae.main(TINY + ["--out", out])
@@ -478,3 +516,37 @@ def test_teacher_every_epoch_keeps_one_teacher_for_the_epoch(tmp_path, monkeypat
     assert [l for e, l in lam2 if e == 0] == [rebuilt[0]] * 4 and [l for e, l in lam2 if e == 1] == [rebuilt[1]] * 4
     train(tiny_cfg(tmp_path, out=str(tmp_path / "step"), epochs=2))
     assert len(rebuilt) == 2 + 8  # the default: a new teacher every step
+
+
+def test_a_fresh_start_drops_stale_results_and_a_resume_keeps_its_own(tmp_path, finished_run):
+    """No config.json and no finished task: eval.json and summary.json of an older run go; *.tmp files of a
+    killed write go at every start; a resume whose summary.json was deleted gets the training seconds back."""
+    cfg = copy_run(finished_run, tmp_path / "run")
+    run = Path(cfg.out)
+    (run / "summary.json").unlink()
+    (run / "task2_synth_green.pt.4242.abcd.tmp").write_bytes(b"half a checkpoint")
+    with runner.Run(cfg) as r:
+        ck = torch.load(run / "task2_synth_green.pt", weights_only=True)
+        assert r.summary["train_seconds"] == ck["train_seconds"] > 0 and (run / "eval.json").exists()
+    assert not list(run.glob("*.tmp"))
+    (run / "config.json").unlink()
+    for p in run.glob("task*.pt"):
+        p.unlink()
+    with runner.Run(dataclasses.replace(cfg, seed=1)) as r:
+        assert not (run / "eval.json").exists() and not (run / "summary.json").exists() and r.summary["seed"] == 1
+
+
+def test_resume_refuses_other_data_and_warns_about_another_thread_count(tmp_path, finished_run, monkeypatch, capsys):
+    cfg = dataclasses.replace(copy_run(finished_run, tmp_path / "run"), eval=False)
+    config = Path(cfg.out) / "config.json"
+    recorded = json.loads(config.read_text())
+    assert recorded["task_data"]["synth_red"].startswith("32 images, ") and recorded["threads"] == 1
+    config.write_text(json.dumps(dict(recorded, threads=7)))
+    train(cfg)  # finished: nothing to train, a warning, config.json rewritten
+    assert "warning: 7 torch threads before, 1 now" in capsys.readouterr().err
+    before = config.read_text()
+    monkeypatch.setattr(rs_data, "DATA_SEED", 1)  # other images under the same names (as another --data-root)
+    with pytest.raises(rs_data.DataError, match=r"task synth_red: other data than the run's \(32 images, \w+ → 32 "
+                                                 r"images, \w+\); its --data-root\?"):
+        train(cfg)
+    assert config.read_text() == before
