@@ -46,8 +46,8 @@ def cli(fn, *args, interrupted: str = "interrupted"):
     """fn(*args): DataError → `error: <one line>`, exit 2; Ctrl-C → its message or `interrupted`, exit 130."""
     try:
         return fn(*args)
-    except (DataError, MemoryError) as e:  # MemoryError: numpy's "Unable to allocate 5 TiB ...", before allocating
-        hint = "; lower --batch-size, --memory-size or --synth-train" if isinstance(e, MemoryError) else ""
+    except (DataError, MemoryError, torch.OutOfMemoryError) as e:  # numpy's "Unable to allocate 5 TiB": before it
+        hint = "" if isinstance(e, DataError) else "; lower --batch-size, --memory-size or --synth-train"
         print("error: " + " ".join(str(e).split()) + hint, file=sys.stderr)  # one line, whatever the message holds
         sys.exit(2)
     except KeyboardInterrupt as e:

@@ -197,6 +197,14 @@ def test_sizes_that_cannot_fit_memory_are_one_line_exit_2(tmp_path, capsys):
     assert e.value.code == 2 and "Unable to allocate" in err and "lower --batch-size" in err, err
     assert len(err.strip().splitlines()) == 1
 
+    def gpu_full(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+    with pytest.raises(SystemExit) as e:  # a GPU's out-of-memory error: the same one line
+        runner.cli(gpu_full)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == "error: CUDA out of memory. Tried to allocate 80.00 GiB; lower " \
+        "--batch-size, --memory-size or --synth-train", err
+
 
 @pytest.mark.parametrize("flags,message", [
     (["--method", "der", "--memory-size", "0"], "--memory-size 0: must be ≥ 1 for der"),
