@@ -61,8 +61,7 @@ def mlknn_scores(train_x, train_y, test_x, k: int = K, s: float = SMOOTHING, cou
 
 
 def map_scores(y_true, scores) -> dict:
-    """Micro (every (image, label) pair pooled) and macro mAP in %; labels without a positive are left out of the
-    macro mean ('skipped')."""
+    """Micro (all (image, label) pairs pooled) and macro mAP in %; macro skips labels without a positive."""
     y_true, scores = np.asarray(y_true), np.asarray(scores, dtype=np.float64)
     has_pos = y_true.sum(0) > 0
     micro = average_precision_score(y_true, scores, average="micro")
@@ -193,16 +192,19 @@ class Evaluation:
     def mine(self) -> list:
         return [r for r in self.rows if r.get("eval_id") == self.set["eval_id"]]
 
-    def start(self, run, model):
-        """Evaluate the init and the finished tasks without a row on this evaluation set (resume, another set)."""
+    def missing(self, run) -> list:  # the points (0: init, t: after task t) without a row on this set
         have = {r["task"] for r in self.mine() if r.get("rec_loss") or not self.reconstructions}
-        if 0 not in have:
+        return [t for t in (0, *(f[0] for f in run.finished)) if t not in have]
+
+    def start(self, run, model):  # evaluate the missing points (resume, another set)
+        todo = self.missing(run)
+        if 0 in todo:
             self.evaluate(run, 0, "init", model)
-        for t, name, path, *_ in run.finished:
-            if t not in have:
+        for t, name, path in run.finished:
+            if t in todo:
                 done = copy.deepcopy(model)
                 done.load_state_dict(runner.load_checkpoint(path)["model"])
-                self.evaluate(run, t, name, done)
+                self.evaluate(run, t, rs_data.task_name(name), done)  # as task_end names it
 
     def task_end(self, run, t, model):
         self.evaluate(run, t, rs_data.task_name(self.cfg.tasks[t - 1]), model)
@@ -237,8 +239,7 @@ class Evaluation:
         result = dict(label=self.cfg.method, tasks=self.cfg.tasks, rows=self.mine(), eval_set=self.set["eval_set"],
                       train_seconds=run.summary.get("train_seconds"))
         print(reports.report([result], K))
-        if shown := [n for n in ("reconstructions.png", "matrices.png")
-                     if (run.out / n).exists()]:
+        if shown := [n for n in ("reconstructions.png", "matrices.png") if (run.out / n).exists()]:
             print(f"\npictures in {run.out}: {', '.join(shown)}, reconstructions_T<t>.png (each evaluation)")
         if reports.has_matrix(result):
             run.summary.update(reports.forgetting_bwt([r["per_task"] for r in result["rows"]]))
@@ -314,8 +315,7 @@ def evaluate_runs(cosmae, folders: list, ucmerced: str, device: str) -> str:
                 runner.load_init(model, cfg.init)
             ev = Evaluation(cfg, reconstructions=False)
             ev.prepare(run, model)
-            todo = [t for t in (0, *(f[0] for f in run.finished)) if t not in {r["task"] for r in ev.mine()}]
-            print(f"{folder}: {len(todo)} of {len(run.finished) + 1} points to evaluate on {ev.set['eval_set']}")
+            print(f"{folder}: {len(ev.missing(run))} of {len(run.finished) + 1} points to evaluate on", ev.set["eval_set"])
             ev.start(run, model)
     return ev.set["eval_id"]
 

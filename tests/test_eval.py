@@ -443,6 +443,11 @@ def test_folders_of_images_are_a_task_sequence_trained_and_evaluated_end_to_end(
     assert json.loads((run / "config.json").read_text())["tasks"] == tasks  # absolute paths, as given
     assert {p.name for p in run.glob("task*.pt")} == {"task1_flights_2019.pt", "task2_flights_2021.pt"}
     assert "after T2 (flights_2021)" in out and (run / "reconstructions.png").is_file()
+    assert [r["name"] for r in rows] == ["init", "flights_2019", "flights_2021"]
+    make_ucmerced(tmp_path / "V", n_per_class=15)  # the checkpoints evaluated afresh: rows named the same way
+    eval_mlknn.main([str(run), "--ucmerced", str(tmp_path / "V")])
+    rows = [r for r in json.loads((run / "eval.json").read_text()) if r["eval_set"].startswith("UCMerced (18")]
+    assert [r["name"] for r in rows] == ["init", "flights_2019", "flights_2021"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as e:
         cosmae.main(["--tasks", str(tmp_path / "empty"), "--model", "vit_test", "--out", str(tmp_path / "r2")])
